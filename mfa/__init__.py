@@ -1,0 +1,26 @@
+"""mfa: FlashAttention for MLX — fused O(N)-memory forward and backward for training.
+
+Public names::
+
+    mfa.flash_attention(q, k, v, ...)                 # (B, H, N, D)
+    mfa.flash_attention_varlen(q, k, v, cu_q, cu_k)   # packed (total, H, D)
+    mfa.scaled_dot_product_attention(q, k, v, ...)    # drop-in for mx.fast's, differentiable mask/sinks
+    mfa.BlockMask                                     # block-sparse patterns
+    mfa.flash_attn                                    # flash-attention's names, (B, N, H, D) layout
+"""
+
+from mfa import flash_attn
+from mfa.ops.attention import flash_attention
+from mfa.ops.block_mask import BlockMask
+from mfa.ops.sdpa import scaled_dot_product_attention
+from mfa.ops.varlen import flash_attention_varlen
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BlockMask",
+    "flash_attention",
+    "flash_attention_varlen",
+    "flash_attn",
+    "scaled_dot_product_attention",
+]

@@ -1,0 +1,181 @@
+"""Backend choice and dispatch.
+
+``backend="auto"`` picks, in order:
+
+1. ``sdpa`` — `mx.fast.scaled_dot_product_attention` with MLX's own VJP — for plain dense calls
+   (causal or not, optional sinks, no lse) where MLX runs fused forward *and* backward (CUDA
+   cuDNN: fp16/bf16, D, Dv <= 128 and multiples of 8, Nq a multiple of 128), or where the score
+   matrix is small enough that materializing it is cheapest;
+2. ``sdpa+<mfa backward>`` — MLX's fused forward with mfa's O(N) backward, for plain calls on
+   Metal, whose SDPA forward is fused but whose VJP is not;
+3. a native fused kernel (``cuda`` / ``metal``) when it supports the call;
+4. ``tiled`` — correct everywhere, O(N) memory.
+
+``MFA_BACKEND=<name>`` replaces ``"auto"``; ``MFA_LOG=1`` prints which backend ran and why.
+A native kernel that fails on this device falls back to ``tiled`` with one warning.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import warnings
+from typing import Callable, Optional, Tuple
+
+import mlx.core as mx
+
+from mfa.grad import function
+from mfa.ops.spec import AttentionInputs, AttentionSpec
+
+SMALL_SCORES = 1 << 20  # B·H·Nq·Nk below which materializing the scores is cheapest
+NATIVE_TARGETS = ("metal", "cuda", "emulator")
+
+
+@dataclasses.dataclass(frozen=True)
+class Route:
+    backend: str
+    reason: str
+    backward: str = ""  # for "sdpa+": the backend of the backward
+
+
+def _gpu_kind() -> Optional[str]:
+    """"cuda" or "metal" when the default device is a GPU of that kind, else None."""
+    if mx.default_device().type != mx.DeviceType.gpu:
+        return None
+    if mx.metal.is_available():
+        return "metal"
+    return "cuda" if hasattr(mx, "cuda") and mx.cuda.is_available() else None
+
+
+def _sdpa_reason_not(spec: AttentionSpec, inputs: AttentionInputs, return_lse: bool) -> Optional[str]:
+    """Why MLX SDPA cannot compute this call exactly (None when it can)."""
+    if return_lse:
+        return "MLX SDPA returns no lse"
+    if not (spec.is_plain or _only_sinks(spec)):
+        return "options beyond causal/sinks"
+    Nq, Nk = inputs.q.shape[2], inputs.k.shape[2]
+    if Nk == 0:
+        return "no keys"
+    if spec.causal and Nq > Nk:
+        return "causal with Nq > Nk leaves rows empty, which MLX SDPA does not zero"
+    return None
+
+
+def _only_sinks(spec: AttentionSpec) -> bool:
+    return spec.has_sinks and dataclasses.replace(spec, has_sinks=False).is_plain
+
+
+def _cudnn_fused(inputs: AttentionInputs) -> bool:
+    q, v = inputs.q, inputs.v
+    D, Dv, Nq = q.shape[3], v.shape[3], q.shape[2]
+    return (
+        q.dtype in (mx.float16, mx.bfloat16)
+        and D % 8 == 0 and Dv % 8 == 0 and D <= 128 and Dv <= 128
+        and Nq % 128 == 0
+    )
+
+
+def _metal_fused(inputs: AttentionInputs) -> bool:
+    D, Dv = inputs.q.shape[3], inputs.v.shape[3]
+    return D == Dv and D in (64, 72, 80, 96, 128)
+
+
+def _native_reason_not(target: str, spec: AttentionSpec, inputs: AttentionInputs) -> Optional[str]:
+    try:
+        from mfa import kernels
+    except ImportError:
+        return "native kernels are not installed"
+    if not kernels.is_available(target):
+        return f"{target} kernels are not available on this machine"
+    return kernels.unsupported_reason(target, spec, inputs)
+
+
+def choose(requested: str, spec: AttentionSpec, inputs: AttentionInputs, return_lse: bool) -> Route:
+    """Resolve ``requested`` (a backend name or "auto") to the route that runs."""
+    if requested == "auto":
+        requested = os.environ.get("MFA_BACKEND", "auto") or "auto"
+    if requested == "reference":
+        return Route("reference", "requested")
+    if requested == "sdpa":
+        why = _sdpa_reason_not(spec, inputs, return_lse)
+        if why is not None:
+            raise NotImplementedError(f"backend='sdpa' cannot run this call: {why}")
+        return Route("sdpa", "requested")
+    if requested in NATIVE_TARGETS:
+        why = _native_reason_not(requested, spec, inputs)
+        if why is not None:
+            raise NotImplementedError(f"backend={requested!r} cannot run this call: {why}")
+        return Route(requested, "requested")
+    if requested == "tiled":
+        return Route("tiled", "requested")
+    if requested != "auto":
+        raise ValueError(f"unknown backend {requested!r}")
+    return _auto(spec, inputs, return_lse)
+
+
+def _auto(spec: AttentionSpec, inputs: AttentionInputs, return_lse: bool) -> Route:
+    gpu = _gpu_kind()
+    native_ok = gpu is not None and _native_reason_not(gpu, spec, inputs) is None
+    backward = gpu if native_ok else "tiled"
+    if _sdpa_reason_not(spec, inputs, return_lse) is None:
+        B, H, Nq, _ = inputs.q.shape
+        if gpu == "cuda" and _cudnn_fused(inputs) and not spec.has_sinks:
+            return Route("sdpa", "cuDNN runs fused forward and backward")
+        if gpu == "metal" and _metal_fused(inputs):
+            return Route("sdpa+", "fused Metal SDPA forward, mfa O(N) backward", backward)
+        if B * H * Nq * inputs.k.shape[2] <= SMALL_SCORES:
+            return Route("sdpa", "small score matrix: materialized SDPA is fastest")
+    if native_ok:
+        return Route(gpu, "native fused kernel")
+    return Route("tiled", "portable tiled path")
+
+
+_warned: set = set()
+
+
+def _log(route: Route) -> None:
+    if os.environ.get("MFA_LOG", "") not in ("", "0"):
+        extra = f" (backward: {route.backward})" if route.backward else ""
+        print(f"mfa: backend={route.backend}{extra}: {route.reason}", file=sys.stderr)
+
+
+def _run(route: Route, spec: AttentionSpec, inputs: AttentionInputs) -> Tuple[mx.array, Optional[mx.array]]:
+    arrays = inputs.arrays()
+    if route.backend == "sdpa":
+        return function.sdpa_function(spec)(*arrays), None
+    if route.backend == "sdpa+":
+        return function.sdpa_forward_function(spec, route.backward)(*arrays), None
+    return tuple(function.attention_function(spec, route.backend)(*arrays))
+
+
+def attend(
+    spec: AttentionSpec,
+    inputs: AttentionInputs,
+    *,
+    return_lse: bool,
+    backend: str,
+    reference: Callable[[], Tuple[mx.array, mx.array]],
+) -> Tuple[mx.array, Optional[mx.array]]:
+    """Run one checked attention call on the chosen backend: ``(out, lse or None)``.
+
+    Args:
+        spec, inputs: the checked call (dense layout).
+        return_lse: whether the caller needs lse (some routes cannot give it).
+        backend: the requested backend name.
+        reference: computes the call with the naive oracle (``backend="reference"``).
+    """
+    route = choose(backend, spec, inputs, return_lse)
+    _log(route)
+    if route.backend == "reference":
+        out, lse = reference()
+        return out.astype(inputs.q.dtype), lse
+    try:
+        return _run(route, spec, inputs)
+    except Exception as err:  # a native kernel that cannot build here: fall back, warn once
+        if backend != "auto" or route.backend not in NATIVE_TARGETS:
+            raise
+        if route.backend not in _warned:
+            _warned.add(route.backend)
+            warnings.warn(f"mfa: {route.backend} kernels failed ({err}); falling back to tiled", stacklevel=3)
+        return _run(Route("tiled", "fallback"), spec, inputs)
