@@ -1,0 +1,106 @@
+// attention_bwd_dkdv: dk = scale · dSᵀ·q and dv = Pᵀ·dout (FlashAttention-2 backward, the
+// key-side half), summed over the query heads that share each key/value head (GQA).
+//
+// Kernel body only (see attention_fwd.metal).  One threadgroup per (key tile, key/value head,
+// batch); it walks the query tiles of every query head of its group and recomputes, transposed,
+// Pᵀ = exp(scale·k·qᵀ − lse) and dPᵀ = v·doutᵀ, so each warp owns BK/NW key rows of dk and dv.
+//   inputs:   q, dout (B, H, NQ, D), k, v (B, HKV, NK, D) in T, lse, delta (B, H, NQ) float32,
+//             params int32 [H, HKV, NQ, NK, CAUSAL], fparams float32 [scale·log2(e), scale]
+//   outputs:  dk, dv (B, HKV, NK, D) in T
+//   template: T, D, BQ, BK, NW, SMEM
+//   grid (ceil(NK/BK)·32·NW, HKV, B), threadgroup (32·NW, 1, 1)
+using namespace mfa;
+constexpr int NT = 32 * NW;
+constexpr int WM = BK / NW;  // key rows per warp
+constexpr int LD = D + 8;
+static_assert(WM % kFragRows == 0, "BK/NW must be a multiple of the fragment height");
+static_assert(SMEM >= (2 * BK + 2 * BQ) * LD * int(sizeof(T)) + 2 * BQ * 4, "SMEM too small");
+
+const int kt = int(threadgroup_position_in_grid.x);
+const int hk = int(threadgroup_position_in_grid.y);
+const int b = int(threadgroup_position_in_grid.z);
+const int tid = int(thread_index_in_threadgroup);
+const int warp = tid / 32;
+const LaneCoord lc = lane_coord(tid % 32);
+
+const int H = params[0], HKV = params[1], NQ = params[2], NK = params[3];
+const bool causal = params[4] != 0;
+const float scale_log2 = fparams[0], scale = fparams[1];
+const int offset = NK - NQ;
+const int k0 = kt * BK;
+const int group = H / HKV;
+
+MFA_SHARED(smem, SMEM);
+MFA_TG T* sK = reinterpret_cast<MFA_TG T*>(smem);
+MFA_TG T* sV = sK + BK * LD;
+MFA_TG T* sQ = sV + BK * LD;
+MFA_TG T* sdO = sQ + BQ * LD;
+MFA_TG float* sLse = reinterpret_cast<MFA_TG float*>(sdO + BQ * LD);  // log2 units
+MFA_TG float* sDelta = sLse + BQ;
+
+const long kv_base = long(b * HKV + hk) * NK + k0;
+copy_tile_async<BK, D, NT>(sK, LD, k + kv_base * D, D, NK - k0, tid);
+copy_tile_async<BK, D, NT>(sV, LD, v + kv_base * D, D, NK - k0, tid);
+mfa_async_commit();
+
+// Query rows that see any key of this tile (causal: rows i with i + offset >= k0).
+const int q_first = causal ? (k0 - offset > 0 ? k0 - offset : 0) : 0;
+const int qt_begin = q_first / BQ;
+const int qt_end = (NQ + BQ - 1) / BQ;
+
+Acc<WM, D> dk, dv;
+dk.zero();
+dv.zero();
+MFA_TG const T* sKw = sK + warp * WM * LD;
+MFA_TG const T* sVw = sV + warp * WM * LD;
+const int key0 = k0 + warp * WM;
+
+for (int g = 0; g < group; ++g) {
+  const long row_base = long(b * H + hk * group + g) * NQ;
+  for (int qt = qt_begin; qt < qt_end; ++qt) {
+    const int q0 = qt * BQ;
+    mfa_barrier();  // the previous query tile is no longer read
+    copy_tile_async<BQ, D, NT>(sQ, LD, q + (row_base + q0) * D, D, NQ - q0, tid);
+    copy_tile_async<BQ, D, NT>(sdO, LD, dout + (row_base + q0) * D, D, NQ - q0, tid);
+    mfa_async_commit();
+    for (int i = tid; i < BQ; i += NT) {
+      const bool valid = q0 + i < NQ;
+      sLse[i] = valid ? lse[row_base + q0 + i] * 1.4426950408889634f : 0.0f;
+      sDelta[i] = valid ? delta[row_base + q0 + i] : 0.0f;
+    }
+    mfa_async_wait<0>();
+    mfa_barrier();
+
+    // Pᵀ = exp2(k·qᵀ·scale·log2(e) − lse), zero where masked
+    Acc<WM, BQ> pt;
+    pt.zero();
+    mma_abt<D>(pt, sKw, LD, sQ, LD, lc);
+    const bool edge = q0 + BQ > NQ || k0 + BK > NK || (causal && k0 + BK - 1 > q0 + offset);
+    MFA_UNROLL
+    for (int i = 0; i < Acc<WM, BQ>::SIZE; ++i) {
+      const int c = Acc<WM, BQ>::col(lc, i);
+      const int j = key0 + Acc<WM, BQ>::row(lc, i);
+      const int r = q0 + c;
+      const bool keep = !edge || (r < NQ && j < NK && !(causal && j > r + offset));
+      pt.v[i] = keep ? mfa_exp2f(pt.v[i] * scale_log2 - sLse[c]) : 0.0f;
+    }
+
+    // dv += Pᵀ·dout
+    mma_ab<BQ>(dv, pt, sdO, LD, lc);
+
+    // dPᵀ = v·doutᵀ, dSᵀ = Pᵀ ∘ (dPᵀ − delta), dk += dSᵀ·q
+    Acc<WM, BQ> dst;
+    dst.zero();
+    mma_abt<D>(dst, sVw, LD, sdO, LD, lc);
+    MFA_UNROLL
+    for (int i = 0; i < Acc<WM, BQ>::SIZE; ++i)
+      dst.v[i] = pt.v[i] * (dst.v[i] - sDelta[Acc<WM, BQ>::col(lc, i)]);
+    mma_ab<BQ>(dk, dst, sQ, LD, lc);
+  }
+}
+mfa_async_wait<0>();
+
+MFA_UNROLL
+for (int i = 0; i < Acc<WM, D>::SIZE; ++i) dk.v[i] *= scale;
+store_acc(dk, dk_out + (kv_base + warp * WM) * D, D, NK - key0, lc);
+store_acc(dv, dv_out + (kv_base + warp * WM) * D, D, NK - key0, lc);

@@ -1,0 +1,103 @@
+// attention_bwd_dq: dq = scale · dS·k with dS = P ∘ (dP − delta), P = exp(scale·q·kᵀ − lse),
+// dP = dout·vᵀ (FlashAttention-2 backward, the query-side half).
+//
+// Kernel body only (see attention_fwd.metal).  One threadgroup per (query tile, head, batch);
+// it recomputes P from lse tile by tile, so nothing of size NQ x NK is stored.
+//   inputs:   q, dout (B, H, NQ, D), k, v (B, HKV, NK, D) in T, lse, delta (B, H, NQ) float32,
+//             params int32 [H, HKV, NQ, NK, CAUSAL], fparams float32 [scale·log2(e), scale]
+//   outputs:  dq (B, H, NQ, D) in T
+//   template: T, D, BQ, BK, NW, STAGES, SMEM
+//   grid (ceil(NQ/BQ)·32·NW, H, B), threadgroup (32·NW, 1, 1)
+using namespace mfa;
+constexpr int NT = 32 * NW;
+constexpr int WM = BQ / NW;  // query rows per warp
+constexpr int LD = D + 8;
+static_assert(WM % kFragRows == 0, "BQ/NW must be a multiple of the fragment height");
+static_assert(SMEM >= (2 * BQ + 2 * STAGES * BK) * LD * int(sizeof(T)), "SMEM too small");
+
+const int qt = int(threadgroup_position_in_grid.x);
+const int h = int(threadgroup_position_in_grid.y);
+const int b = int(threadgroup_position_in_grid.z);
+const int tid = int(thread_index_in_threadgroup);
+const int warp = tid / 32;
+const LaneCoord lc = lane_coord(tid % 32);
+
+const int H = params[0], HKV = params[1], NQ = params[2], NK = params[3];
+const bool causal = params[4] != 0;
+const float scale_log2 = fparams[0], scale = fparams[1];
+const int offset = NK - NQ;
+const int q0 = qt * BQ;
+const int hk = h / (H / HKV);
+
+MFA_SHARED(smem, SMEM);
+MFA_TG T* sQ = reinterpret_cast<MFA_TG T*>(smem);
+MFA_TG T* sdO = sQ + BQ * LD;
+MFA_TG T* sKV = sdO + BQ * LD;  // STAGES x (K tile, V tile)
+MFA_DEV const T* Kg = k + long(b * HKV + hk) * NK * D;
+MFA_DEV const T* Vg = v + long(b * HKV + hk) * NK * D;
+const long row_base = long(b * H + h) * NQ + q0;
+
+const int kv_end = causal ? (NK < q0 + BQ + offset ? NK : q0 + BQ + offset) : NK;
+const int ntiles = kv_end > 0 ? (kv_end + BK - 1) / BK : 0;
+
+copy_tile_async<BQ, D, NT>(sQ, LD, q + row_base * D, D, NQ - q0, tid);
+copy_tile_async<BQ, D, NT>(sdO, LD, dout + row_base * D, D, NQ - q0, tid);
+mfa_async_commit();
+
+const int row0 = q0 + warp * WM;
+RowVec<WM> lse_rows, delta_rows;
+load_rows(lse_rows, lse + row_base + warp * WM, NQ - row0, 0.0f, lc);
+load_rows(delta_rows, delta + row_base + warp * WM, NQ - row0, 0.0f, lc);
+MFA_UNROLL
+for (int r = 0; r < RowVec<WM>::SIZE; ++r) lse_rows.v[r] *= 1.4426950408889634f;  // to log2 units
+
+Acc<WM, D> dq;
+dq.zero();
+MFA_TG const T* sQw = sQ + warp * WM * LD;
+MFA_TG const T* sdOw = sdO + warp * WM * LD;
+
+for (int t = 1 - STAGES; t < ntiles; ++t) {
+  const int tn = t + STAGES - 1;
+  if (tn < ntiles) {
+    MFA_TG T* dst = sKV + (tn % STAGES) * 2 * BK * LD;
+    copy_tile_async<BK, D, NT>(dst, LD, Kg + long(tn * BK) * D, D, NK - tn * BK, tid);
+    copy_tile_async<BK, D, NT>(dst + BK * LD, LD, Vg + long(tn * BK) * D, D, NK - tn * BK, tid);
+  }
+  mfa_async_commit();
+  if (t < 0) continue;
+  mfa_async_wait<STAGES - 1>();
+  mfa_barrier();
+  MFA_TG const T* sK = sKV + (t % STAGES) * 2 * BK * LD;
+  MFA_TG const T* sV = sK + BK * LD;
+  const int k0 = t * BK;
+
+  // P = exp2(s·log2(e) − lse) recomputed from the scores, zero where masked
+  Acc<WM, BK> p;
+  p.zero();
+  mma_abt<D>(p, sQw, LD, sK, LD, lc);
+  const bool edge = k0 + BK > NK || (causal && k0 + BK - 1 > q0 + offset);
+  MFA_UNROLL
+  for (int i = 0; i < Acc<WM, BK>::SIZE; ++i) {
+    const int j = k0 + Acc<WM, BK>::col(lc, i);
+    const int r = row0 + Acc<WM, BK>::row(lc, i);
+    const bool keep = !edge || (j < NK && !(causal && j > r + offset));
+    p.v[i] = keep ? mfa_exp2f(p.v[i] * scale_log2 - lse_rows.v[Acc<WM, BK>::slot(i)]) : 0.0f;
+  }
+
+  // dP = dout·vᵀ, then dS = P ∘ (dP − delta)
+  Acc<WM, BK> ds;
+  ds.zero();
+  mma_abt<D>(ds, sdOw, LD, sV, LD, lc);
+  MFA_UNROLL
+  for (int i = 0; i < Acc<WM, BK>::SIZE; ++i)
+    ds.v[i] = p.v[i] * (ds.v[i] - delta_rows.v[Acc<WM, BK>::slot(i)]);
+
+  // dq += dS·k
+  mma_ab<BK>(dq, ds, sK, LD, lc);
+  mfa_barrier();
+}
+mfa_async_wait<0>();
+
+MFA_UNROLL
+for (int i = 0; i < Acc<WM, D>::SIZE; ++i) dq.v[i] *= scale;
+store_acc(dq, dq_out + (row_base + warp * WM) * D, D, NQ - row0, lc);

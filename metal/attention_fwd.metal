@@ -1,0 +1,128 @@
+// attention_fwd: out = softmax(scale·q·kᵀ)·v and lse = logsumexp(scale·q·kᵀ) (FlashAttention-2).
+//
+// Kernel body only (the `source` of mx.fast.metal_kernel / cuda_kernel); the dialect and the
+// tile API come from the header: a prelude, a fragment family and metal/tile.h.
+// One threadgroup per (query tile, head, batch); NW warps, each owning BQ/NW query rows.
+//   inputs:   q (B, H, NQ, D), k (B, HKV, NK, D), v (B, HKV, NK, D) in T,
+//             params int32 [H, HKV, NQ, NK, CAUSAL], fparams float32 [scale·log2(e)]
+//   outputs:  out (B, H, NQ, D) in T, lse (B, H, NQ) float32 (natural log; -inf on empty rows)
+//   template: T, D, BQ, BK, NW, STAGES (key/value tiles in flight), SMEM (shared bytes)
+//   grid (ceil(NQ/BQ)·32·NW, H, B), threadgroup (32·NW, 1, 1)
+// Causal is bottom-right aligned: query row i sees keys j <= i + NK - NQ.
+using namespace mfa;
+constexpr int NT = 32 * NW;
+constexpr int WM = BQ / NW;  // query rows per warp
+constexpr int LD = D + 8;    // padded row stride of the shared tiles, in elements
+static_assert(WM % kFragRows == 0, "BQ/NW must be a multiple of the fragment height");
+static_assert(SMEM >= (BQ + 2 * STAGES * BK) * LD * int(sizeof(T)), "SMEM too small");
+
+const int qt = int(threadgroup_position_in_grid.x);
+const int h = int(threadgroup_position_in_grid.y);
+const int b = int(threadgroup_position_in_grid.z);
+const int tid = int(thread_index_in_threadgroup);
+const int warp = tid / 32;
+const LaneCoord lc = lane_coord(tid % 32);
+
+const int H = params[0], HKV = params[1], NQ = params[2], NK = params[3];
+const bool causal = params[4] != 0;
+const float scale_log2 = fparams[0];
+const int offset = NK - NQ;
+const int q0 = qt * BQ;
+const int hk = h / (H / HKV);  // GQA: the key/value head shared by this query head
+
+MFA_SHARED(smem, SMEM);
+MFA_TG T* sQ = reinterpret_cast<MFA_TG T*>(smem);
+MFA_TG T* sKV = sQ + BQ * LD;  // STAGES x (K tile, V tile)
+MFA_DEV const T* Kg = k + long(b * HKV + hk) * NK * D;
+MFA_DEV const T* Vg = v + long(b * HKV + hk) * NK * D;
+
+// Key tiles this query tile can see (causal: up to the diagonal of its last row).
+const int kv_end = causal ? (NK < q0 + BQ + offset ? NK : q0 + BQ + offset) : NK;
+const int ntiles = kv_end > 0 ? (kv_end + BK - 1) / BK : 0;
+
+copy_tile_async<BQ, D, NT>(sQ, LD, q + (long(b * H + h) * NQ + q0) * D, D, NQ - q0, tid);
+mfa_async_commit();
+
+Acc<WM, D> o;
+o.zero();
+RowVec<WM> m_run, l_run;  // running max (log2 units) and running sum of exp2(s - max)
+MFA_UNROLL
+for (int r = 0; r < RowVec<WM>::SIZE; ++r) {
+  m_run.v[r] = -MFA_INF;
+  l_run.v[r] = 0.0f;
+}
+MFA_TG const T* sQw = sQ + warp * WM * LD;
+const int row0 = q0 + warp * WM;
+
+// Iteration t computes tile t while tiles t+1 .. t+STAGES-1 are in flight.
+for (int t = 1 - STAGES; t < ntiles; ++t) {
+  const int tn = t + STAGES - 1;
+  if (tn < ntiles) {
+    MFA_TG T* dst = sKV + (tn % STAGES) * 2 * BK * LD;
+    copy_tile_async<BK, D, NT>(dst, LD, Kg + long(tn * BK) * D, D, NK - tn * BK, tid);
+    copy_tile_async<BK, D, NT>(dst + BK * LD, LD, Vg + long(tn * BK) * D, D, NK - tn * BK, tid);
+  }
+  mfa_async_commit();
+  if (t < 0) continue;
+  mfa_async_wait<STAGES - 1>();
+  mfa_barrier();
+  MFA_TG const T* sK = sKV + (t % STAGES) * 2 * BK * LD;
+  MFA_TG const T* sV = sK + BK * LD;
+  const int k0 = t * BK;
+
+  // scores s = q·kᵀ, in log2 units
+  Acc<WM, BK> s;
+  s.zero();
+  mma_abt<D>(s, sQw, LD, sK, LD, lc);
+  MFA_UNROLL
+  for (int i = 0; i < Acc<WM, BK>::SIZE; ++i) s.v[i] *= scale_log2;
+
+  // mask keys past NK and, when causal, right of the diagonal (only edge tiles have any)
+  if (k0 + BK > NK || (causal && k0 + BK - 1 > q0 + offset)) {
+    MFA_UNROLL
+    for (int i = 0; i < Acc<WM, BK>::SIZE; ++i) {
+      const int j = k0 + Acc<WM, BK>::col(lc, i);
+      const int r = row0 + Acc<WM, BK>::row(lc, i);
+      if (j >= NK || (causal && j > r + offset)) s.v[i] = -MFA_INF;
+    }
+  }
+
+  // online softmax: new running max, rescale factor of the previous tiles
+  RowVec<WM> m_tile, alpha, m_ref;
+  row_max(s, m_tile);
+  MFA_UNROLL
+  for (int r = 0; r < RowVec<WM>::SIZE; ++r) {
+    const float m_new = mfa_fmaxf(m_run.v[r], m_tile.v[r]);
+    m_ref.v[r] = m_new == -MFA_INF ? 0.0f : m_new;  // rows with nothing seen yet stay at 0
+    alpha.v[r] = mfa_exp2f(m_run.v[r] - m_ref.v[r]);
+    m_run.v[r] = m_new;
+  }
+  MFA_UNROLL
+  for (int i = 0; i < Acc<WM, BK>::SIZE; ++i)
+    s.v[i] = mfa_exp2f(s.v[i] - m_ref.v[Acc<WM, BK>::slot(i)]);
+  RowVec<WM> l_tile;
+  row_sum(s, l_tile);
+  MFA_UNROLL
+  for (int r = 0; r < RowVec<WM>::SIZE; ++r) l_run.v[r] = l_run.v[r] * alpha.v[r] + l_tile.v[r];
+  MFA_UNROLL
+  for (int i = 0; i < Acc<WM, D>::SIZE; ++i) o.v[i] *= alpha.v[Acc<WM, D>::slot(i)];
+
+  // o += p·v
+  mma_ab<BK>(o, s, sV, LD, lc);
+  mfa_barrier();  // this stage's buffers may now be refilled
+}
+mfa_async_wait<0>();
+
+// normalise; rows that saw no key get out = 0 and lse = -inf
+RowVec<WM> lse_rows, inv;
+MFA_UNROLL
+for (int r = 0; r < RowVec<WM>::SIZE; ++r) {
+  const bool any = l_run.v[r] > 0.0f;
+  inv.v[r] = any ? 1.0f / l_run.v[r] : 0.0f;
+  lse_rows.v[r] = any ? (m_run.v[r] + mfa_log2f(l_run.v[r])) * 0.69314718055994531f : -MFA_INF;
+}
+MFA_UNROLL
+for (int i = 0; i < Acc<WM, D>::SIZE; ++i) o.v[i] *= inv.v[Acc<WM, D>::slot(i)];
+const int rows_valid = NQ - row0;
+store_acc(o, out + (long(b * H + h) * NQ + row0) * D, D, rows_valid, lc);
+store_rows(lse_rows, lse + long(b * H + h) * NQ + row0, rows_valid, lc);

@@ -1,0 +1,141 @@
+// Tile layer, fragment family for CUDA: mma.sync.m16n8k16 (bf16/f16 operands, fp32 accumulate).
+//
+// A warp owns an M x N fp32 accumulator as (M/16) x (N/8) fragments of 16x8.  Lane l holds
+// rows g = l/4 and g + 8, columns 2q and 2q + 1 (q = l % 4) of each fragment, so the four
+// lanes 4g..4g+3 share a row: row reductions shuffle by 1 and 2.  Operands come from shared
+// memory through ldmatrix (row-major; .trans for the K x N operand); an accumulator is reused
+// as the A operand of the next product in registers (the FlashAttention-2 P·V trick).
+namespace mfa {
+
+enum : int { kFragRows = 16 };
+
+struct LaneCoord {
+  int lane, r, c;  // lane, and the (row, col) of its first element in every fragment
+};
+
+MFA_FUNC LaneCoord lane_coord(int lane) {
+  LaneCoord lc;
+  lc.lane = lane;
+  lc.r = lane / 4;
+  lc.c = 2 * (lane % 4);
+  return lc;
+}
+
+// M x N fp32 accumulator of one warp; element i of this lane is v[i].
+template <int M, int N>
+struct Acc {
+  enum : int { FM = M / 16, FN = N / 8, SIZE = FM * FN * 4 };
+  float v[SIZE];
+  MFA_FUNC static int row(LaneCoord lc, int i) { return 16 * (i / 4 / FN) + lc.r + 8 * (i % 4 / 2); }
+  MFA_FUNC static int col(LaneCoord lc, int i) { return 8 * (i / 4 % FN) + lc.c + i % 2; }
+  // Index into RowVec<M> of the row that element i lies in.
+  MFA_FUNC static int slot(int i) { return 2 * (i / 4 / FN) + i % 4 / 2; }
+  MFA_FUNC void zero() {
+    MFA_UNROLL
+    for (int i = 0; i < SIZE; ++i) v[i] = 0.0f;
+  }
+};
+
+// One value per row of an M-row accumulator, for the rows this lane holds.
+template <int M>
+struct RowVec {
+  enum : int { SIZE = M / 8 };
+  float v[SIZE];
+  MFA_FUNC static int row(LaneCoord lc, int s) { return 16 * (s / 2) + 8 * (s % 2) + lc.r; }
+  // True for the one lane of each row group that writes per-row results.
+  MFA_FUNC static bool writer(LaneCoord lc) { return lc.c == 0; }
+};
+
+template <int M, int N>
+MFA_FUNC void row_max(MFA_THR const Acc<M, N>& a, MFA_THR RowVec<M>& out) {
+  MFA_UNROLL
+  for (int s = 0; s < M / 8; ++s) {
+    float m = -MFA_INF;
+    MFA_UNROLL
+    for (int fj = 0; fj < N / 8; ++fj) {
+      const float* f = a.v + ((s / 2) * (N / 8) + fj) * 4 + 2 * (s % 2);
+      m = mfa_fmaxf(m, mfa_fmaxf(f[0], f[1]));
+    }
+    m = mfa_fmaxf(m, mfa_shfl_xor(m, 1));
+    m = mfa_fmaxf(m, mfa_shfl_xor(m, 2));
+    out.v[s] = m;
+  }
+}
+
+template <int M, int N>
+MFA_FUNC void row_sum(MFA_THR const Acc<M, N>& a, MFA_THR RowVec<M>& out) {
+  MFA_UNROLL
+  for (int s = 0; s < M / 8; ++s) {
+    float t = 0.0f;
+    MFA_UNROLL
+    for (int fj = 0; fj < N / 8; ++fj) {
+      const float* f = a.v + ((s / 2) * (N / 8) + fj) * 4 + 2 * (s % 2);
+      t += f[0] + f[1];
+    }
+    t += mfa_shfl_xor(t, 1);
+    t += mfa_shfl_xor(t, 2);
+    out.v[s] = t;
+  }
+}
+
+// c (M x N) += a (M x K, row-major in shared memory) * b^T, b (N x K) row-major.
+// Rows must be 16-byte aligned (ld a multiple of 8 elements).
+template <int K, int M, int N, typename T>
+MFA_FUNC void mma_abt(MFA_THR Acc<M, N>& c, MFA_TG const T* a, int lda, MFA_TG const T* b,
+                      int ldb, LaneCoord lc) {
+  static_assert(N % 16 == 0 && K % 16 == 0, "mma_abt needs N and K multiples of 16");
+  const int l = lc.lane;
+  MFA_UNROLL
+  for (int kk = 0; kk < K / 16; ++kk) {
+    unsigned fa[M / 16][4];
+    MFA_UNROLL
+    for (int fi = 0; fi < M / 16; ++fi)
+      mfa_ldmatrix_x4(fa[fi], a + (16 * fi + l % 16) * lda + 16 * kk + 8 * (l / 16));
+    MFA_UNROLL
+    for (int fj = 0; fj < N / 8; fj += 2) {
+      // matrices: (n 0-7, k 0-7), (n 0-7, k 8-15), (n 8-15, k 0-7), (n 8-15, k 8-15)
+      unsigned fb[4];
+      mfa_ldmatrix_x4(fb, b + (8 * fj + l % 8 + 8 * (l / 16)) * ldb + 16 * kk + 8 * (l / 8 % 2));
+      MFA_UNROLL
+      for (int fi = 0; fi < M / 16; ++fi) {
+        mfa_mma16816<T>(c.v + (fi * (N / 8) + fj) * 4, fa[fi], fb);
+        mfa_mma16816<T>(c.v + (fi * (N / 8) + fj + 1) * 4, fa[fi], fb + 2);
+      }
+    }
+  }
+}
+
+// c (M x N) += p (M x K accumulator of this warp, rounded to T) * b, b (K x N) row-major.
+template <int K, int M, int N, typename T>
+MFA_FUNC void mma_ab(MFA_THR Acc<M, N>& c, MFA_THR const Acc<M, K>& p, MFA_TG const T* b, int ldb,
+                     LaneCoord lc) {
+  static_assert(N % 16 == 0 && K % 16 == 0, "mma_ab needs N and K multiples of 16");
+  const int l = lc.lane;
+  MFA_UNROLL
+  for (int kk = 0; kk < K / 16; ++kk) {
+    unsigned fa[M / 16][4];
+    MFA_UNROLL
+    for (int fi = 0; fi < M / 16; ++fi) {
+      // accumulator fragments (fi, 2kk) and (fi, 2kk+1) are the A fragment's k halves
+      const float* lo = p.v + (fi * (K / 8) + 2 * kk) * 4;
+      const float* hi = lo + 4;
+      fa[fi][0] = mfa_pack2<T>(lo[0], lo[1]);
+      fa[fi][1] = mfa_pack2<T>(lo[2], lo[3]);
+      fa[fi][2] = mfa_pack2<T>(hi[0], hi[1]);
+      fa[fi][3] = mfa_pack2<T>(hi[2], hi[3]);
+    }
+    MFA_UNROLL
+    for (int fj = 0; fj < N / 8; fj += 2) {
+      // matrices: (k 0-7, n 0-7), (k 8-15, n 0-7), (k 0-7, n 8-15), (k 8-15, n 8-15)
+      unsigned fb[4];
+      mfa_ldmatrix_x4_trans(fb, b + (16 * kk + l % 8 + 8 * (l / 8 % 2)) * ldb + 8 * fj + 8 * (l / 16));
+      MFA_UNROLL
+      for (int fi = 0; fi < M / 16; ++fi) {
+        mfa_mma16816<T>(c.v + (fi * (N / 8) + fj) * 4, fa[fi], fb);
+        mfa_mma16816<T>(c.v + (fi * (N / 8) + fj + 1) * 4, fa[fi], fb + 2);
+      }
+    }
+  }
+}
+
+}  // namespace mfa

@@ -1,0 +1,54 @@
+// CPU prelude: the kernel dialect for the CPU executor (metal/emu/runtime.h).
+//
+// Every GPU thread of a threadgroup runs the kernel body as a fiber; barriers, shuffles and the
+// warp matrix instructions are emulated as warp/threadgroup collectives.  The executor runs
+// either fragment family of the tile layer on top:
+//   MFA_EMU_METAL: the Metal one (simdgroup 8x8 matrices, metal/emu/metal_api.h);
+//   MFA_EMU_CUDA:  the CUDA one (mma.sync m16n8k16 + ldmatrix, metal/emu/ptx_api.h).
+// Async copies follow cp.async: the data lands in shared memory at the matching wait, so a
+// missing wait shows up as wrong (NaN-filled) shared memory.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#include "emu/runtime.h"
+#include "emu/types.h"
+#if defined(MFA_EMU_METAL)
+#include "stub/metal_stdlib"
+using namespace metal;
+#elif defined(MFA_EMU_CUDA)
+#include "emu/ptx_api.h"
+typedef emu::bf16 bfloat16_t;
+typedef emu::f16 half;
+#else
+#error "define MFA_EMU_METAL or MFA_EMU_CUDA"
+#endif
+
+#define MFA_CPU 1
+#define MFA_DEV
+#define MFA_TG
+#define MFA_THR
+#define MFA_FUNC inline
+#define MFA_UNROLL
+#define MFA_SHARED(name, bytes) unsigned char* name = emu::shared_memory(bytes)
+#define MFA_INF INFINITY
+
+MFA_FUNC void mfa_barrier() { emu::group_barrier(); }
+
+MFA_FUNC float mfa_shfl_xor(float v, int mask) {
+  emu::Lanes<float> lanes = emu::warp_exchange(v);
+  return lanes[emu::lane_id() ^ mask];
+}
+
+MFA_FUNC float mfa_exp2f(float x) { return std::exp2(x); }
+MFA_FUNC float mfa_log2f(float x) { return std::log2(x); }
+MFA_FUNC float mfa_fmaxf(float a, float b) { return std::fmax(a, b); }
+
+// Copy 16 bytes from device to threadgroup memory (zeros when !valid), asynchronously.
+MFA_FUNC void mfa_copy16(MFA_TG void* dst, MFA_DEV const void* src, bool valid) {
+  emu::async_copy16(dst, src, valid ? 16 : 0);
+}
+MFA_FUNC void mfa_async_commit() { emu::async_commit(); }
+template <int Keep>
+MFA_FUNC void mfa_async_wait() { emu::async_wait(Keep); }

@@ -1,0 +1,92 @@
+// CUDA prelude: the kernel dialect in CUDA C++ with inline PTX.  Passed (with the tile layer) as
+// the `header` of mx.fast.cuda_kernel, which NVRTC compiles for sm_90a; the kernel body lands
+// inside `namespace mlx::core::cu` with the template values as local constexprs.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#define MFA_CUDA 1
+#define MFA_DEV
+#define MFA_TG
+#define MFA_THR
+#define MFA_FUNC __device__ __forceinline__
+#define MFA_UNROLL _Pragma("unroll")
+#define MFA_SHARED(name, bytes) extern __shared__ __align__(16) unsigned char name[]
+#define MFA_INF __int_as_float(0x7f800000)
+#define threadgroup_position_in_grid blockIdx
+#define thread_index_in_threadgroup threadIdx.x
+
+typedef __nv_bfloat16 bfloat16_t;
+typedef __half half;
+
+MFA_FUNC void mfa_barrier() { __syncthreads(); }
+
+MFA_FUNC float mfa_shfl_xor(float v, int mask) { return __shfl_xor_sync(0xffffffffu, v, mask); }
+
+MFA_FUNC float mfa_exp2f(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+MFA_FUNC float mfa_log2f(float x) { return log2f(x); }
+MFA_FUNC float mfa_fmaxf(float a, float b) { return fmaxf(a, b); }
+
+MFA_FUNC unsigned mfa_smem_addr(const void* p) {
+  return static_cast<unsigned>(__cvta_generic_to_shared(p));
+}
+
+// cp.async of 16 bytes from global to shared memory (zero-filled when !valid).
+MFA_FUNC void mfa_copy16(void* dst, const void* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(mfa_smem_addr(dst)),
+               "l"(src), "r"(valid ? 16 : 0));
+}
+MFA_FUNC void mfa_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int Keep>
+MFA_FUNC void mfa_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(Keep));
+}
+
+// Two values as one 32-bit operand register: `lo` in bits 0..15, `hi` in bits 16..31.
+template <typename T>
+MFA_FUNC unsigned mfa_pack2(float lo, float hi);
+template <>
+MFA_FUNC unsigned mfa_pack2<__nv_bfloat16>(float lo, float hi) {
+  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<unsigned*>(&v);
+}
+template <>
+MFA_FUNC unsigned mfa_pack2<__half>(float lo, float hi) {
+  __half2 v = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<unsigned*>(&v);
+}
+
+// d[0..3] += A(16x16) * B(16x8), fp32 accumulate.
+template <typename T>
+MFA_FUNC void mfa_mma16816(float* d, const unsigned* a, const unsigned* b);
+template <>
+MFA_FUNC void mfa_mma16816<__nv_bfloat16>(float* d, const unsigned* a, const unsigned* b) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+template <>
+MFA_FUNC void mfa_mma16816<__half>(float* d, const unsigned* a, const unsigned* b) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+// ldmatrix.x4: lanes 8j..8j+7 give the row addresses of 8x8 matrix j (16-byte aligned rows).
+MFA_FUNC void mfa_ldmatrix_x4(unsigned* r, const void* row) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(mfa_smem_addr(row)));
+}
+MFA_FUNC void mfa_ldmatrix_x4_trans(unsigned* r, const void* row) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(mfa_smem_addr(row)));
+}

@@ -1,0 +1,32 @@
+// Metal prelude: the kernel dialect in MSL.  Passed (with the tile layer) as the `header` of
+// mx.fast.metal_kernel; MLX has already prepended its kernels/utils.h (metal_stdlib, bfloat16_t).
+#include <metal_stdlib>
+using namespace metal;
+
+#define MFA_METAL 1
+#define MFA_DEV device
+#define MFA_TG threadgroup
+#define MFA_THR thread
+#define MFA_FUNC inline
+#define MFA_UNROLL _Pragma("clang loop unroll(full)")
+#define MFA_SHARED(name, bytes)                                    \
+  threadgroup float4 name##_words[((bytes) + 15) / 16];            \
+  threadgroup uchar* name = reinterpret_cast<threadgroup uchar*>(name##_words)
+#define MFA_INF INFINITY
+
+MFA_FUNC void mfa_barrier() { threadgroup_barrier(mem_flags::mem_threadgroup); }
+
+MFA_FUNC float mfa_shfl_xor(float v, int mask) { return simd_shuffle_xor(v, ushort(mask)); }
+
+MFA_FUNC float mfa_exp2f(float x) { return metal::exp2(x); }
+MFA_FUNC float mfa_log2f(float x) { return metal::log2(x); }
+MFA_FUNC float mfa_fmaxf(float a, float b) { return metal::max(a, b); }
+
+// Copy 16 bytes from device to threadgroup memory (zeros when !valid).  Metal has no
+// asynchronous copy here: the copy is immediate and commit/wait do nothing.
+MFA_FUNC void mfa_copy16(threadgroup void* dst, const device void* src, bool valid) {
+  *static_cast<threadgroup uint4*>(dst) = valid ? *static_cast<const device uint4*>(src) : uint4(0);
+}
+MFA_FUNC void mfa_async_commit() {}
+template <int Keep>
+MFA_FUNC void mfa_async_wait() {}

@@ -1,0 +1,59 @@
+// Tile layer, common part: cooperative copies between device and threadgroup memory, and
+// stores of accumulators and per-row vectors.  Built on the prelude's dialect and on the
+// fragment family included before it (frag_simdgroup.h or frag_mma.h).
+namespace mfa {
+
+// Copy a ROWS x COLS tile (row stride lds) into threadgroup memory (row stride ldd) with all
+// NT threads, 16 bytes per copy; rows >= rows_valid are zero-filled.  Asynchronous on CUDA:
+// follow with mfa_async_commit() and mfa_async_wait<n>() before a barrier.
+template <int ROWS, int COLS, int NT, typename T>
+MFA_FUNC void copy_tile_async(MFA_TG T* dst, int ldd, MFA_DEV const T* src, int lds, int rows_valid,
+                              int tid) {
+  enum : int { E = 16 / int(sizeof(T)), CPR = COLS / E, CHUNKS = ROWS * CPR };
+  static_assert(COLS % E == 0, "tile rows must be whole 16-byte chunks");
+  MFA_UNROLL
+  for (int it = 0; it < (CHUNKS + NT - 1) / NT; ++it) {
+    const int i = it * NT + tid;
+    if (CHUNKS % NT == 0 || i < CHUNKS) {
+      const int r = i / CPR, e = (i % CPR) * E;
+      const bool valid = r < rows_valid;
+      mfa_copy16(dst + r * ldd + e, src + (valid ? r : 0) * lds + e, valid);
+    }
+  }
+}
+
+// Write rows < rows_valid of a warp's accumulator to device memory (row stride ld), as T.
+template <int M, int N, typename T>
+MFA_FUNC void store_acc(MFA_THR const Acc<M, N>& a, MFA_DEV T* dst, int ld, int rows_valid,
+                        LaneCoord lc) {
+  MFA_UNROLL
+  for (int i = 0; i < Acc<M, N>::SIZE; ++i) {
+    const int r = Acc<M, N>::row(lc, i);
+    if (r < rows_valid) dst[r * ld + Acc<M, N>::col(lc, i)] = static_cast<T>(a.v[i]);
+  }
+}
+
+// Write rows < rows_valid of a per-row vector (one lane per row writes).
+template <int M>
+MFA_FUNC void store_rows(MFA_THR const RowVec<M>& v, MFA_DEV float* dst, int rows_valid,
+                         LaneCoord lc) {
+  if (!RowVec<M>::writer(lc)) return;
+  MFA_UNROLL
+  for (int s = 0; s < RowVec<M>::SIZE; ++s) {
+    const int r = RowVec<M>::row(lc, s);
+    if (r < rows_valid) dst[r] = v.v[s];
+  }
+}
+
+// Read rows < rows_valid of a per-row vector; other rows get `fill`.
+template <int M>
+MFA_FUNC void load_rows(MFA_THR RowVec<M>& v, MFA_DEV const float* src, int rows_valid, float fill,
+                        LaneCoord lc) {
+  MFA_UNROLL
+  for (int s = 0; s < RowVec<M>::SIZE; ++s) {
+    const int r = RowVec<M>::row(lc, s);
+    v.v[s] = r < rows_valid ? src[r] : fill;
+  }
+}
+
+}  // namespace mfa

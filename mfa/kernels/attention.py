@@ -1,0 +1,140 @@
+"""Launchers of the dense attention kernels (forward, and the FlashAttention-2 backward).
+
+The same code drives every target: the kernel objects of `build.kernel` share one call
+interface.  Head dims are zero-padded up to a compiled one (padding q and k adds nothing to
+q·kᵀ; padded v columns are sliced off), and tiny arrays are padded to 8 elements so that Metal
+binds every buffer in the device address space.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Optional, Tuple
+
+import mlx.core as mx
+
+from mfa.kernels import build
+from mfa.kernels.blocks import BlockSizes, Tiles, padded_head_dim, shared_bytes
+
+LOG2E = math.log2(math.e)
+PREPROCESS_ROWS = 16  # rows per threadgroup of the backward preprocess (4 warps x 4 rows)
+
+
+def _verbose() -> bool:
+    return os.environ.get("MFA_KERNEL_VERBOSE", "") not in ("", "0")
+
+
+def _buffer(x: mx.array) -> mx.array:
+    """`x` itself, or flattened and padded to 8 elements (Metal puts < 8 in constant space)."""
+    if x.size >= 8:
+        return x
+    return mx.concatenate([x.reshape(-1), mx.zeros((8 - x.size,), x.dtype)])
+
+
+def _pad_head(x: mx.array, d: int) -> mx.array:
+    extra = d - x.shape[-1]
+    return x if extra == 0 else mx.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, extra)])
+
+
+def _params(H: int, Hkv: int, Nq: int, Nk: int, causal: bool) -> mx.array:
+    return mx.array([H, Hkv, Nq, Nk, int(causal), 0, 0, 0], dtype=mx.int32)
+
+
+def _fparams(scale: float) -> mx.array:
+    return mx.array([scale * LOG2E, scale, 0, 0, 0, 0, 0, 0], dtype=mx.float32)
+
+
+def block_sizes(target: str, head_dim: int, dtype: mx.Dtype) -> BlockSizes:
+    """The tiles `target` uses for a (compiled) head dim and dtype."""
+    return BlockSizes.default(head_dim, dtype, build.arch_of(target))
+
+
+def _launch(target: str, name: str, tiles: Tiles, dtype: mx.Dtype, d: int, inputs, outputs, grid_x: int,
+            grid_yz: Tuple[int, int], extra_template=()):
+    """Run one kernel with the standard template values (T, D, BQ, BK, NW, STAGES, SMEM)."""
+    smem = shared_bytes(name, tiles, d, dtype.size)
+    arch = build.arch_of(target)
+    k = build.kernel(target, name, arch, smem if target == "cuda" else 0)
+    template = [("T", dtype), ("D", d), ("BQ", tiles.block_q), ("BK", tiles.block_k), ("NW", tiles.warps)]
+    if name != "attention_bwd_dkdv":
+        template.append(("STAGES", tiles.stages))
+    template += [("SMEM", smem), *extra_template]
+    shapes, dtypes = zip(*outputs)
+    return k(inputs=[_buffer(x) for x in inputs], output_shapes=list(shapes), output_dtypes=list(dtypes),
+             grid=(grid_x * tiles.threads, *grid_yz), threadgroup=(tiles.threads, 1, 1), template=template,
+             verbose=_verbose())
+
+
+def forward(target: str, q: mx.array, k: mx.array, v: mx.array, scale: float, causal: bool
+            ) -> Tuple[mx.array, mx.array]:
+    """Dense attention forward on a native target.
+
+    Args:
+        target: ``"metal"``, ``"cuda"`` or ``"emulator"``.
+        q: ``(B, H, Nq, D)``.
+        k, v: ``(B, Hkv, Nk, D)`` (``H % Hkv == 0``).
+        scale: multiplier of q·kᵀ.
+        causal: mask keys j > i + Nk - Nq (bottom-right aligned).
+
+    Returns:
+        ``(out, lse)``: out ``(B, H, Nq, D)`` in q's dtype, lse ``(B, H, Nq)`` float32 (natural
+        log, -inf for rows with no key, whose out is 0).
+    """
+    B, H, Nq, D = q.shape
+    Hkv, Nk = k.shape[1], k.shape[2]
+    if Nq == 0:
+        return mx.zeros((B, H, 0, D), q.dtype), mx.zeros((B, H, 0), mx.float32)
+    d = padded_head_dim(D)
+    tiles = block_sizes(target, d, q.dtype).fwd
+    q, k, v = (_pad_head(x, d) for x in (q, k, v))
+    out, lse = _launch(target, "attention_fwd", tiles, q.dtype, d,
+                       [q, k, v, _params(H, Hkv, Nq, Nk, causal), _fparams(scale)],
+                       [((B, H, Nq, d), q.dtype), ((B, H, Nq), mx.float32)],
+                       -(-Nq // tiles.block_q), (H, B))
+    return (out[..., :D] if d != D else out), lse
+
+
+def backward(target: str, q: mx.array, k: mx.array, v: mx.array, out: mx.array, lse: mx.array,
+             dout: mx.array, dlse: Optional[mx.array], scale: float, causal: bool
+             ) -> Tuple[mx.array, mx.array, mx.array]:
+    """Dense attention backward on a native target (preprocess, dq kernel, dk/dv kernel).
+
+    Args:
+        target: ``"metal"``, ``"cuda"`` or ``"emulator"``.
+        q: ``(B, H, Nq, D)``; k, v: ``(B, Hkv, Nk, D)``.
+        out, lse: the forward's results, ``(B, H, Nq, D)`` and ``(B, H, Nq)``.
+        dout: cotangent of out, ``(B, H, Nq, D)``.
+        dlse: cotangent of lse, ``(B, H, Nq)`` float32, or None (zero).
+        scale, causal: as in `forward`.
+
+    Returns:
+        ``(dq, dk, dv)`` shaped and typed like q, k, v (dk, dv summed over each GQA group).
+    """
+    B, H, Nq, D = q.shape
+    Hkv, Nk = k.shape[1], k.shape[2]
+    if Nq == 0 or Nk == 0:
+        return mx.zeros_like(q), mx.zeros_like(k), mx.zeros_like(v)
+    d = padded_head_dim(D)
+    blocks = block_sizes(target, d, q.dtype)
+    q, k, v, out, dout = (_pad_head(x, d) for x in (q, k, v, out, dout.astype(q.dtype)))
+    dlse = mx.zeros((B, H, Nq), mx.float32) if dlse is None else dlse.astype(mx.float32)
+    params, fparams = _params(H, Hkv, Nq, Nk, causal), _fparams(scale)
+    lse = lse.astype(mx.float32)
+
+    # delta = rowsum(dout ∘ out) − dlse
+    pre = Tiles(PREPROCESS_ROWS, 0, 4)
+    (delta,) = _launch(target, "attention_bwd_preprocess", pre, q.dtype, d, [out, dout, dlse, params],
+                       [((B, H, Nq), mx.float32)], -(-Nq // PREPROCESS_ROWS), (H, B),
+                       extra_template=[("ROWS", PREPROCESS_ROWS)])
+
+    grads_in = [q, k, v, dout, lse, delta, params, fparams]
+    t = blocks.dq
+    (dq,) = _launch(target, "attention_bwd_dq", t, q.dtype, d, grads_in, [((B, H, Nq, d), q.dtype)],
+                    -(-Nq // t.block_q), (H, B))
+    t = blocks.dkdv
+    dk, dv = _launch(target, "attention_bwd_dkdv", t, q.dtype, d, grads_in,
+                     [((B, Hkv, Nk, d), k.dtype), ((B, Hkv, Nk, d), v.dtype)], -(-Nk // t.block_k), (Hkv, B))
+    if d != D:
+        dq, dk, dv = dq[..., :D], dk[..., :D], dv[..., :D]
+    return dq, dk, dv

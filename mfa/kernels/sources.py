@@ -1,0 +1,57 @@
+"""Kernel sources: the bodies in ``metal/`` and the headers each target compiles them with.
+
+Every kernel is one body file, ``metal/<name>.metal``, written once in a small C++ dialect over
+the tile API.  A target gets ``header = prelude + fragment family + tile.h``:
+
+    target      prelude            fragment family        compiled by
+    metal       prelude_metal.h    frag_simdgroup.h       Metal (mx.fast.metal_kernel)
+    cuda        prelude_cuda.h     frag_mma.h             NVRTC (mx.fast.cuda_kernel)
+    emulator    prelude_cpu.h      either (its ``arch``)  the system C++ compiler (emulator.py)
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+
+KERNELS = (
+    "attention_fwd",
+    "attention_bwd_preprocess",
+    "attention_bwd_dq",
+    "attention_bwd_dkdv",
+)
+FRAGMENTS = {"metal": "frag_simdgroup.h", "cuda": "frag_mma.h"}
+
+
+def kernel_dir() -> Path:
+    """The directory holding the kernel sources (``$MFA_KERNEL_DIR`` or the repository's ``metal/``)."""
+    env = os.environ.get("MFA_KERNEL_DIR")
+    return Path(env) if env else Path(__file__).resolve().parents[2] / "metal"
+
+
+@functools.cache
+def read(name: str) -> str:
+    """The text of one file of the kernel directory."""
+    return (kernel_dir() / name).read_text()
+
+
+def body(kernel: str) -> str:
+    """The body (``source``) of a kernel."""
+    if kernel not in KERNELS:
+        raise ValueError(f"unknown kernel {kernel=}; known: {KERNELS}")
+    return read(f"{kernel}.metal")
+
+
+def tile_layer(arch: str) -> str:
+    """The tile layer for a fragment family: ``"metal"`` (simdgroup 8x8) or ``"cuda"`` (mma m16n8k16)."""
+    return read(FRAGMENTS[arch]) + read("tile.h")
+
+
+def header(target: str) -> str:
+    """The ``header`` passed with every body to a GPU target's kernel builder."""
+    if target == "metal":
+        return read("prelude_metal.h") + tile_layer("metal")
+    if target == "cuda":
+        return read("prelude_cuda.h") + tile_layer("cuda")
+    raise ValueError(f"{target=} has no GPU header (the emulator builds its own, see emulator.py)")
