@@ -4,24 +4,28 @@
 // or prelude_cpu.h), which defines the dialect (MFA_DEV, MFA_THR, MFA_FUNC, ...).  Decoding is
 // memory-bound: K/V rows are read with 16-byte loads straight into registers and unpacked to
 // float here, one 16-byte word (4 floats or 8 half/bfloat16 values) at a time.
-#pragma once
 
-#if defined(MFA_METAL)
-typedef uint4 DecodeWord;  // 16 bytes
-MFA_FUNC float decode_bits_float(uint u) { return as_type<float>(u); }
-MFA_FUNC float decode_half_float(uint u) { return float(as_type<half2>(u).x); }
-MFA_FUNC DecodeWord decode_load16(const device void* p) { return *static_cast<const device uint4*>(p); }
-MFA_FUNC float decode_tanh(float x) { return metal::precise::tanh(x); }
-#elif defined(MFA_CUDA)
-typedef uint4 DecodeWord;
-MFA_FUNC float decode_bits_float(unsigned u) { return __uint_as_float(u); }
-MFA_FUNC float decode_half_float(unsigned u) { return __half2float(__ushort_as_half((unsigned short)(u & 0xffffu))); }
-MFA_FUNC DecodeWord decode_load16(const void* p) { return __ldg(static_cast<const uint4*>(p)); }
-MFA_FUNC float decode_tanh(float x) { return tanhf(x); }
-#else  // CPU executor
-struct DecodeWord {
+struct DecodeWord {  // one 16-byte load
   unsigned x, y, z, w;
 };
+
+#if defined(MFA_METAL)
+MFA_FUNC float decode_bits_float(uint u) { return as_type<float>(u); }
+MFA_FUNC float decode_half_float(uint u) { return float(as_type<half2>(u)[0]); }
+MFA_FUNC DecodeWord decode_load16(const device void* p) {
+  const uint4 t = *static_cast<const device uint4*>(p);
+  return DecodeWord{t[0], t[1], t[2], t[3]};
+}
+MFA_FUNC float decode_tanh(float x) { return metal::precise::tanh(x); }
+#elif defined(MFA_CUDA)
+MFA_FUNC float decode_bits_float(unsigned u) { return __uint_as_float(u); }
+MFA_FUNC float decode_half_float(unsigned u) { return __half2float(__ushort_as_half((unsigned short)(u & 0xffffu))); }
+MFA_FUNC DecodeWord decode_load16(const void* p) {
+  const uint4 t = __ldg(static_cast<const uint4*>(p));
+  return DecodeWord{t.x, t.y, t.z, t.w};
+}
+MFA_FUNC float decode_tanh(float x) { return tanhf(x); }
+#else  // CPU executor
 MFA_FUNC float decode_bits_float(unsigned u) { return emu::bits_float(u); }
 MFA_FUNC float decode_half_float(unsigned u) {
   emu::f16 h;

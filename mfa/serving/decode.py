@@ -27,7 +27,7 @@ from mfa.serving.view import CONTIGUOUS, PAGED, RING, KVView
 
 MAX_DECODE_QUERIES = 16
 TILED_SPLIT = 512
-BACKENDS = ("auto", "tiled", "cuda", "metal")
+BACKENDS = ("auto", "tiled", "cuda", "metal", "emulator")
 
 
 def decode_attention(
@@ -61,8 +61,9 @@ def decode_attention(
         alibi_slopes: ``(H,)`` or ``(B, H)``; adds ``-slope·|p_i - j|`` to each score.
         split_size: key slots per split (rounded up to whole pages when paged). Default: per backend.
         return_lse: also return the log-sum-exp.
-        backend: ``"auto"`` (native kernel on a GPU where it exists, else ``"tiled"``), ``"tiled"``,
-            ``"cuda"`` or ``"metal"``.
+        backend: ``"auto"`` (the native kernels on a CUDA/Metal GPU where they cover the call, else
+            ``"tiled"``), ``"tiled"``, ``"cuda"``, ``"metal"`` or ``"emulator"`` (the native kernel bodies run
+            on the CPU, for tests).
 
     Returns:
         ``out (B, H, Nq, Dv)`` in ``q.dtype``, and with ``return_lse`` also ``lse (B, H, Nq)`` float32
@@ -74,7 +75,7 @@ def decode_attention(
         alibi_slopes = _slopes(alibi_slopes, q.shape[0], q.shape[1])
     if backend not in BACKENDS:
         raise ValueError(f"{backend=} must be one of {BACKENDS}")
-    use_native = backend in ("cuda", "metal") or (backend == "auto" and native.available(view, q))
+    use_native = backend in native.TARGETS or (backend == "auto" and native.available(view, q))
     if use_native:
         out, lse = native.decode(q, view, spec, sinks, alibi_slopes, split_size, backend)
     else:
