@@ -1,7 +1,7 @@
 """Forward/backward pairs registered as `mx.custom_function` VJPs, one per (spec, backend).
 
 Every backend that mfa implements (``tiled`` and the native targets) supplies a forward
-``(spec, inputs) -> (out, lse)`` and a backward
+``(spec, inputs) -> (out, lse)`` (out in float32 or q's dtype; the op casts it) and a backward
 ``(spec, inputs, out, lse, dout, dlse) -> AttentionGrads``.  `attention_function` pairs them
 into one custom function taking the present arrays of `AttentionInputs` positionally, so
 ``mx.grad`` never differentiates through the forward's ops and memory stays O(N).

@@ -130,10 +130,10 @@ def backward(
         kt, vt = k5[..., c0:c1, :], v5[..., c0:c1, :]
         for i in sched.rows_of_col(j):
             r0, r1 = sched.row_tiles[i]
-            qt, dot = q5[..., r0:r1, :], do5[..., r0:r1, :]
+            qt, dot = q5[..., r0:r1, :], P.ordered(do5[..., r0:r1, :])
             s, t = P.scores(r0, r1, c0, c1, full=bool(sched.full[i, j]))
             p = mx.exp(s - lse_safe[..., r0:r1, :])
-            dp = (dot @ vt.swapaxes(-1, -2)).astype(mx.float32)
+            dp = dot.astype(mx.float32) @ vt.astype(mx.float32).swapaxes(-1, -2)
             p_dropped = p
             if spec.has_dropout:
                 z = P.dropout_scale(r0, r1, c0, c1)

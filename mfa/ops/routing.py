@@ -146,7 +146,8 @@ def _run(route: Route, spec: AttentionSpec, inputs: AttentionInputs) -> Tuple[mx
         return function.sdpa_function(spec)(*arrays), None
     if route.backend == "sdpa+":
         return function.sdpa_forward_function(spec, route.backward)(*arrays), None
-    return tuple(function.attention_function(spec, route.backend)(*arrays))
+    out, lse = function.attention_function(spec, route.backend)(*arrays)
+    return out.astype(inputs.q.dtype), lse
 
 
 def attend(

@@ -8,9 +8,11 @@ tile from ``lse``.
 GQA never repeats K/V: q is viewed as ``(B, Hkv, G, Nq, D)`` with ``G = H // Hkv`` and K/V as
 ``(B, Hkv, 1, Nk, D)``, so one K/V tile serves its G query heads by broadcasting.
 
-MLX builds the whole lazy graph before running it, so in eager mode the running state is
-evaluated after every tile (O(tile) memory instead of O(N²)).  Under `mx.compile`/`mx.vmap`
-evaluation is not allowed; there the same loop builds one plain graph.
+Memory: the loop builds one lazy graph and never calls `mx.eval` (an eval inside a VJP, or on
+arrays derived from differentiated inputs, keeps the whole graph alive: MLX retains the graph
+of every evaluated tracer).  Instead each tile's inputs `mx.depends` on the previous tile's
+running state, so MLX runs the tiles one after another and frees each score tile before the
+next: O(tile) extra memory in eager mode, under `mx.grad` and under `mx.compile` alike.
 """
 
 from __future__ import annotations
@@ -102,7 +104,7 @@ class TiledProblem:
         self.B, self.H, self.Nq, self.D = q.shape
         self.Hkv, self.Nk, self.Dv = k.shape[1], k.shape[2], v.shape[3]
         self.G = self.H // self.Hkv
-        self.tracing = is_tracing(q)
+        self._after = []
         self.q5 = split_heads(q, self.Hkv, self.G)
         self.k5, self.v5 = k[:, :, None], v[:, :, None]
         self.bias5 = None if inputs.bias is None else split_heads(inputs.bias, self.Hkv, self.G)
@@ -146,15 +148,18 @@ class TiledProblem:
             bq, bk = spec.block_mask.block_size
             tile_q, tile_k = aligned_tile(tile_q, bq), aligned_tile(tile_k, bk)
         segments = None
-        if spec.varlen and not self.tracing:
+        if spec.varlen and not is_tracing(self.inputs.cu_seqlens_q):
             cu_q, cu_k = self.inputs.cu_seqlens_q, self.inputs.cu_seqlens_k
             segments = Segments.from_cu_seqlens(np.array(cu_q), np.array(cu_k))
         return build_schedule(spec, self.Nq, self.Nk, tile_q, tile_k, segments)
 
     def step(self, *arrays: mx.array) -> None:
-        """End of one tile: evaluate the running state when eager (keeps memory O(tile))."""
-        if not self.tracing:
-            mx.eval(*arrays)
+        """End of one tile: the next tile's inputs wait for this running state (O(tile) memory)."""
+        self._after = list(arrays)
+
+    def ordered(self, x: mx.array) -> mx.array:
+        """``x``, scheduled after the last tile's state, so MLX runs tiles one after another."""
+        return mx.depends(x, self._after) if self._after else x
 
     # -- one score tile -------------------------------------------------------------------------
 
@@ -187,8 +192,10 @@ class TiledProblem:
         needs it for the softcap derivative), else None.
         """
         spec = self.spec
-        qt, kt = self.q5[..., r0:r1, :], self.k5[..., c0:c1, :]
-        s = (qt @ kt.swapaxes(-1, -2)).astype(mx.float32) * spec.scale
+        # the forward runs in float32 (operands upcast per tile): the backward's delta then
+        # matches the recomputed P, which keeps broadcast-bias/sink gradients accurate
+        qt, kt = self.ordered(self.q5[..., r0:r1, :]), self.k5[..., c0:c1, :]
+        s = (qt.astype(mx.float32) @ kt.astype(mx.float32).swapaxes(-1, -2)) * spec.scale
         t = None
         if spec.softcap is not None:
             t = mx.tanh(s / spec.softcap)
@@ -214,7 +221,7 @@ class TiledProblem:
         head = (mx.arange(self.B) * self.H).reshape(-1, 1, 1, 1, 1) + mx.arange(self.H).reshape(
             1, self.Hkv, self.G, 1, 1
         )
-        rows = mx.arange(r0, r1).reshape(-1, 1)
+        rows = self.ordered(mx.arange(r0, r1)).reshape(-1, 1)
         cols = mx.arange(c0, c1).reshape(1, -1)
         keep = dropout.keep_mask(self.spec.dropout_seed, p, head, rows, cols)
         return mx.where(keep, 1.0 / (1.0 - p), 0.0)
@@ -245,7 +252,10 @@ def forward(spec: AttentionSpec, inputs: AttentionInputs) -> Tuple[mx.array, mx.
         inputs: q ``(B, H, Nq, D)``, k ``(B, Hkv, Nk, D)``, v ``(B, Hkv, Nk, Dv)`` and extras.
 
     Returns:
-        ``(out, lse)``: out ``(B, H, Nq, Dv)`` in q's dtype, lse ``(B, H, Nq)`` float32.
+        ``(out, lse)``: out ``(B, H, Nq, Dv)`` float32 (the op casts it to q's dtype; the
+        backward's ``delta = rowsum(dO·O)`` is then consistent with the recomputed P, which
+        keeps gradients of broadcast biases, slopes and sinks accurate), lse ``(B, H, Nq)``
+        float32.
     """
     P = TiledProblem(spec, inputs)
     sched = P.schedule
@@ -263,15 +273,14 @@ def forward(spec: AttentionSpec, inputs: AttentionInputs) -> Tuple[mx.array, mx.
             l = l * alpha + p.sum(axis=-1, keepdims=True)
             if spec.has_dropout:
                 p = p * P.dropout_scale(r0, r1, c0, c1)
-            pv = p.astype(P.v5.dtype) @ P.v5[..., c0:c1, :]
-            acc = acc * alpha + pv.astype(mx.float32)
+            acc = acc * alpha + p @ P.v5[..., c0:c1, :].astype(mx.float32)
             m = m_new
             P.step(m, l, acc)
         outs.append(acc / mx.where(l > 0, l, 1.0))
         lses.append(_finalize_lse(m, l))
     out = mx.concatenate(outs, axis=3) if outs else mx.zeros((P.B, P.Hkv, P.G, 0, P.Dv))
     lse = mx.concatenate(lses, axis=3) if lses else mx.zeros((P.B, P.Hkv, P.G, 0, 1))
-    return merge_heads(out).astype(inputs.q.dtype), merge_heads(lse)[..., 0]
+    return merge_heads(out), merge_heads(lse)[..., 0]
 
 
 def logsumexp(spec: AttentionSpec, inputs: AttentionInputs) -> mx.array:

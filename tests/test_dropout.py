@@ -1,0 +1,67 @@
+"""Dropout: reproducible by seed, the right rate, gradients with the forward's mask."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from conftest import assert_matches_reference, fused_backends, random_qkv
+
+import mfa
+from mfa.ops import dropout
+from mfa.ops.reference import attention_reference
+
+BACKENDS = fused_backends()
+
+
+def revealed_mask(p, seed, H=4, N=256, backend="tiled"):
+    """With q = 0 every weight is 1/N, and v = I makes out[i, j] = keep_ij / (N (1 - p))."""
+    q = mx.zeros((1, H, N, 16))
+    k = mx.random.normal((1, H, N, 16))
+    v = mx.broadcast_to(mx.eye(N)[None, None], (1, H, N, N))
+    out = mfa.flash_attention(q, k, v, dropout_p=p, dropout_seed=seed, backend=backend)
+    return np.array(out) > 0
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+def test_rate_within_one_percent(p):
+    kept = revealed_mask(p, seed=3)
+    assert abs((1.0 - kept.mean()) - p) < 0.01
+
+
+def test_mask_matches_the_counter_hash():
+    kept = revealed_mask(0.3, seed=11, H=2, N=64)
+    head = mx.arange(2).reshape(1, 2, 1, 1)
+    expected = dropout.keep_mask(11, 0.3, head, mx.arange(64).reshape(-1, 1), mx.arange(64).reshape(1, -1))
+    np.testing.assert_array_equal(kept, np.array(expected))
+
+
+def test_reproducible_for_a_seed_and_different_across_seeds():
+    q, k, v = random_qkv(1, 2, 2, 40, 40, 16)
+    a = mfa.flash_attention(q, k, v, dropout_p=0.2, dropout_seed=5, backend="tiled")
+    b = mfa.flash_attention(q, k, v, dropout_p=0.2, dropout_seed=5, backend="tiled")
+    c = mfa.flash_attention(q, k, v, dropout_p=0.2, dropout_seed=6, backend="tiled")
+    assert float(mx.abs(a - b).max()) == 0.0
+    assert float(mx.abs(a - c).max()) > 1e-3
+
+
+def test_expected_value_is_unbiased():
+    """Averaged over seeds, dropout output approaches the dropout-free output."""
+    q, k, v = random_qkv(1, 1, 1, 8, 64, 16, seed=2)
+    clean = mfa.flash_attention(q, k, v, backend="tiled")
+    mean = sum(mfa.flash_attention(q, k, v, dropout_p=0.5, dropout_seed=s, backend="tiled") for s in range(200)) / 200
+    assert float(mx.abs(mean - clean).max()) < 0.1 * float(mx.abs(clean).max()) + 0.05
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+def test_gradients_use_the_forward_mask(backend, dtype):
+    """out, lse, dq, dk, dv with dropout equal the oracle applying the same counter mask."""
+    q, k, v = random_qkv(2, 4, 2, 37, 45, 16, dtype=dtype, seed=4)
+    options = dict(dropout_p=0.25, dropout_seed=1234, causal=True)
+
+    def fused(q, k, v):
+        return mfa.flash_attention(q, k, v, return_lse=True, backend=backend, **options)
+
+    def reference(q, k, v, upcast=True):
+        return attention_reference(q, k, v, upcast=upcast, **options)
+
+    assert_matches_reference(fused, reference, [q, k, v])

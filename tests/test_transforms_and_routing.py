@@ -1,0 +1,96 @@
+"""mx.compile / mx.grad composition, backend routing, MFA_BACKEND and MFA_LOG."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from conftest import random_qkv
+
+import mfa
+from mfa import BlockMask
+from mfa.ops import routing
+from mfa.ops.spec import AttentionInputs, AttentionSpec
+
+
+def allclose(a, b, atol=1e-5):
+    for x, y in zip(a if isinstance(a, (tuple, list)) else [a], b if isinstance(b, (tuple, list)) else [b]):
+        np.testing.assert_allclose(np.array(x), np.array(y), atol=atol)
+
+
+def test_compile_forward_and_grad_match_eager():
+    q, k, v = random_qkv(1, 4, 2, 37, 37, 16)
+    bias = mx.random.normal((1, 4, 1, 37))
+
+    def loss(q, k, v, bias):
+        return (mfa.flash_attention(q, k, v, causal=True, bias=bias, softcap=5.0, backend="tiled") ** 2).sum()
+
+    grad = mx.grad(loss, argnums=(0, 1, 2, 3))
+    allclose(mx.compile(loss)(q, k, v, bias), loss(q, k, v, bias), atol=1e-4)
+    allclose(mx.compile(grad)(q, k, v, bias), grad(q, k, v, bias), atol=1e-4)
+    allclose(mx.grad(mx.compile(loss), argnums=(0, 1, 2, 3))(q, k, v, bias), grad(q, k, v, bias), atol=1e-4)
+
+
+def test_compile_varlen_visits_every_tile_and_matches_eager():
+    cu = mx.array([0, 9, 9, 30], dtype=mx.int32)
+    q, k, v = (mx.random.normal((30, 2, 16), key=mx.random.key(i)) for i in range(3))
+
+    def loss(q, k, v, cu):
+        return (mfa.flash_attention_varlen(q, k, v, cu, cu, causal=True, backend="tiled") ** 2).sum()
+
+    grad = mx.grad(loss, argnums=(0, 1, 2))
+    allclose(mx.compile(loss)(q, k, v, cu), loss(q, k, v, cu), atol=1e-4)
+    allclose(mx.compile(grad)(q, k, v, cu), grad(q, k, v, cu), atol=1e-4)
+
+
+def test_compile_with_block_mask():
+    q, k, v = random_qkv(1, 2, 2, 40, 40, 16)
+    bm = BlockMask.from_mask_mod(lambda b, h, i, j: (j <= i) & (j > i - 12), 1, 1, 40, 40, block_size=16)
+    fn = lambda q: mfa.flash_attention(q, k, v, block_mask=bm, backend="tiled")  # noqa: E731
+    allclose(mx.compile(fn)(q), fn(q))
+
+
+def test_integer_inputs_get_zero_cotangents():
+    cu = mx.array([0, 4, 10], dtype=mx.int32)
+    q, k, v = (mx.random.normal((10, 2, 16), key=mx.random.key(i)) for i in range(3))
+    fn = lambda q, k, v, cu: mfa.flash_attention_varlen(q, k, v, cu, cu, backend="tiled").sum()  # noqa: E731
+    _, grads = mx.vjp(lambda q, k, v: fn(q, k, v, cu), [q, k, v], [mx.array(1.0)])
+    assert [g.shape for g in grads] == [q.shape, k.shape, v.shape]
+    g_cu = mx.grad(fn, argnums=3)(q, k, v, cu)
+    assert float(mx.abs(g_cu).max()) == 0.0
+
+
+def _route(q, k, v, return_lse=False, **spec):
+    spec = AttentionSpec(scale=1.0, **spec)
+    return routing.choose("auto", spec, AttentionInputs(q, k, v), return_lse)
+
+
+def test_auto_routes_small_plain_calls_to_sdpa_and_the_rest_to_tiled():
+    small = random_qkv(1, 2, 2, 64, 64, 16)
+    assert _route(*small).backend == "sdpa"
+    assert _route(*small, return_lse=True).backend == "tiled"
+    assert _route(*small, window=(4, 0)).backend == "tiled"
+    assert _route(*small, has_bias=True).backend == "tiled"
+    big = random_qkv(1, 8, 8, 1024, 1024, 16)
+    assert _route(*big, causal=True).backend == "tiled"
+    # causal with Nq > Nk leaves empty rows, which MLX SDPA does not zero
+    assert _route(*random_qkv(1, 1, 1, 32, 16, 16), causal=True).backend == "tiled"
+
+
+def test_explicit_backend_that_cannot_run_raises():
+    q, k, v = random_qkv(1, 2, 2, 16, 16, 16)
+    with pytest.raises(NotImplementedError, match="sdpa"):
+        mfa.flash_attention(q, k, v, window=(2, 2), backend="sdpa")
+    with pytest.raises(NotImplementedError, match="lse"):
+        mfa.flash_attention(q, k, v, return_lse=True, backend="sdpa")
+
+
+def test_mfa_backend_env_and_log(monkeypatch, capsys):
+    q, k, v = random_qkv(1, 2, 2, 16, 16, 16)
+    monkeypatch.setenv("MFA_BACKEND", "reference")
+    monkeypatch.setenv("MFA_LOG", "1")
+    mfa.flash_attention(q, k, v)
+    assert "backend=reference" in capsys.readouterr().err
+    monkeypatch.setenv("MFA_BACKEND", "tiled")
+    mfa.flash_attention(q, k, v, backend="auto")
+    assert "backend=tiled" in capsys.readouterr().err
+    mfa.flash_attention(q, k, v, backend="sdpa")  # an explicit argument wins over the variable
+    assert "backend=sdpa" in capsys.readouterr().err
