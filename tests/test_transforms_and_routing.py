@@ -94,3 +94,19 @@ def test_mfa_backend_env_and_log(monkeypatch, capsys):
     assert "backend=tiled" in capsys.readouterr().err
     mfa.flash_attention(q, k, v, backend="sdpa")  # an explicit argument wins over the variable
     assert "backend=sdpa" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("with_sinks", [False, True])
+def test_sdpa_forward_with_mfa_backward(with_sinks):
+    """The Metal route: MLX SDPA forward, mfa backward (lse recomputed in the VJP)."""
+    from mfa.grad.function import sdpa_forward_function
+    from mfa.ops.reference import attention_reference
+
+    q, k, v = random_qkv(1, 4, 2, 33, 33, 16)
+    sinks = mx.random.normal((4,)) if with_sinks else None
+    spec = AttentionSpec(scale=0.25, causal=True, has_sinks=with_sinks)
+    attention = sdpa_forward_function(spec, "tiled")
+    arrays = lambda q, k, v: AttentionInputs(q, k, v, sinks=sinks).arrays()  # noqa: E731
+    loss = lambda q, k, v: (attention(*arrays(q, k, v)) ** 2).sum()  # noqa: E731
+    ref_loss = lambda q, k, v: (attention_reference(q, k, v, scale=0.25, causal=True, sinks=sinks)[0] ** 2).sum()  # noqa: E731
+    allclose(mx.grad(loss, argnums=(0, 1, 2))(q, k, v), mx.grad(ref_loss, argnums=(0, 1, 2))(q, k, v), atol=5e-5)
