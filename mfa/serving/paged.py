@@ -203,15 +203,22 @@ class PagedBatch:
         self.block_table = mx.array(table)
         self.cache_seqlens = mx.array(lengths.astype(np.int32))
         self.slots = mx.array(slots)
+        self._checked = -1  # pool version the block table was last checked against
         self.layers = [PagedLayer(self, layer) for layer in range(cache.num_layers)]
 
     def view(self, layer: int) -> KVView:
-        """The batch's `KVView` of one layer (checked against live pages)."""
+        """The batch's `KVView` of one layer, checked against the live pages.
+
+        Every layer shares the block table: it is checked again only when the pool changed since.
+        """
         cache = self.cache
         if cache.k_pages[layer] is None:
             raise ValueError(f"layer {layer} has no keys yet: write before attending")
-        return KVView.paged(cache.k_pages[layer], cache.v_pages[layer], self.table, self.lengths,
-                            live_pages=cache.pool.live())
+        fresh = self._checked != cache.pool.version
+        view = KVView.paged(cache.k_pages[layer], cache.v_pages[layer], self.table, self.lengths,
+                            live_pages=cache.pool.live() if fresh else None, check=fresh)
+        self._checked = cache.pool.version
+        return view
 
 
 class PagedLayer:

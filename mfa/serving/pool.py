@@ -27,6 +27,7 @@ class PagePool:
         self.refcount = np.zeros(num_pages, dtype=np.int64)
         self._free: List[int] = list(range(num_pages - 1, -1, -1))
         self.reclaim = reclaim
+        self.version = 0  # bumped by every change of the reference counts
 
     @property
     def num_free(self) -> int:
@@ -48,6 +49,7 @@ class PagePool:
         self.ensure_free(n)
         pages = [self._free.pop() for _ in range(n)]
         self.refcount[pages] = 1
+        self.version += 1
         return pages
 
     def share(self, pages: Iterable[int]) -> None:
@@ -55,12 +57,14 @@ class PagePool:
         for p in pages:
             self._check_live(p)
             self.refcount[p] += 1
+            self.version += 1
 
     def release(self, pages: Iterable[int]) -> None:
         """Drop one reference from each page; pages reaching 0 return to the free list."""
         for p in pages:
             self._check_live(p)
             self.refcount[p] -= 1
+            self.version += 1
             if self.refcount[p] == 0:
                 self._free.append(p)
 
