@@ -16,7 +16,6 @@ constexpr int LD = D + 8;    // padded row stride of the shared tiles, in elemen
 static_assert(WM % kFragRows == 0, "BQ/NW must be a multiple of the fragment height");
 static_assert(SMEM >= (BQ + 2 * STAGES * BK) * LD * int(sizeof(T)), "SMEM too small");
 
-const int qt = int(threadgroup_position_in_grid.x);
 const int h = int(threadgroup_position_in_grid.y);
 const int b = int(threadgroup_position_in_grid.z);
 const int tid = int(thread_index_in_threadgroup);
@@ -25,6 +24,9 @@ const LaneCoord lc = lane_coord(tid % 32);
 
 const int H = params[0], HKV = params[1], NQ = params[2], NK = params[3];
 const bool causal = params[4] != 0;
+// causal: the longest query tiles (the last ones) start first, for load balance
+const int nqt = (NQ + BQ - 1) / BQ;
+const int qt = causal ? nqt - 1 - int(threadgroup_position_in_grid.x) : int(threadgroup_position_in_grid.x);
 const float scale_log2 = fparams[0];
 const int offset = NK - NQ;
 const int q0 = qt * BQ;

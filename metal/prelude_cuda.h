@@ -15,9 +15,6 @@
 #define threadgroup_position_in_grid blockIdx
 #define thread_index_in_threadgroup threadIdx.x
 
-typedef __nv_bfloat16 bfloat16_t;
-typedef __half half;
-
 MFA_FUNC void mfa_barrier() { __syncthreads(); }
 
 MFA_FUNC float mfa_shfl_xor(float v, int mask) { return __shfl_xor_sync(0xffffffffu, v, mask); }

@@ -27,6 +27,10 @@ namespace metal {
 template <typename T, int N>
 struct vec {
   T v[N];
+  vec() = default;
+  vec(T s) {
+    for (int i = 0; i < N; ++i) v[i] = s;
+  }
   T& operator[](int i) { return v[i]; }
   const T& operator[](int i) const { return v[i]; }
 };
@@ -135,3 +139,14 @@ using std::log;
 }  // namespace precise
 
 }  // namespace metal
+
+typedef metal::vec<float, 2> float2;
+typedef metal::vec<float, 4> float4;
+typedef metal::vec<half, 2> half2;
+typedef metal::vec<half, 4> half4;
+typedef metal::vec<int, 2> int2;
+typedef metal::vec<int, 4> int4;
+typedef metal::vec<uint, 2> uint2;
+typedef metal::vec<uint, 4> uint4;
+typedef metal::vec<short, 2> short2;
+typedef metal::vec<ushort, 2> ushort2;

@@ -50,19 +50,21 @@ def block_sizes(target: str, head_dim: int, dtype: mx.Dtype) -> BlockSizes:
     return BlockSizes.default(head_dim, dtype, build.arch_of(target))
 
 
-def _launch(target: str, name: str, tiles: Tiles, dtype: mx.Dtype, d: int, inputs, outputs, grid_x: int,
-            grid_yz: Tuple[int, int], extra_template=()):
-    """Run one kernel with the standard template values (T, D, BQ, BK, NW, STAGES, SMEM)."""
-    smem = shared_bytes(name, tiles, d, dtype.size)
-    arch = build.arch_of(target)
-    k = build.kernel(target, name, arch, smem if target == "cuda" else 0)
+def _template(name: str, tiles: Tiles, dtype: mx.Dtype, d: int):
+    """Template values of an attention kernel: T, D, BQ, BK, NW, (STAGES), SMEM."""
     template = [("T", dtype), ("D", d), ("BQ", tiles.block_q), ("BK", tiles.block_k), ("NW", tiles.warps)]
     if name != "attention_bwd_dkdv":
         template.append(("STAGES", tiles.stages))
-    template += [("SMEM", smem), *extra_template]
+    return template + [("SMEM", shared_bytes(name, tiles, d, dtype.size))]
+
+
+def _launch(target: str, name: str, template, threads: int, inputs, outputs, groups: Tuple[int, int, int]):
+    """Run one kernel over ``groups`` threadgroups of ``threads`` threads."""
+    smem = dict(template).get("SMEM", 0)
+    k = build.kernel(target, name, build.arch_of(target), smem if target == "cuda" else 0)
     shapes, dtypes = zip(*outputs)
     return k(inputs=[_buffer(x) for x in inputs], output_shapes=list(shapes), output_dtypes=list(dtypes),
-             grid=(grid_x * tiles.threads, *grid_yz), threadgroup=(tiles.threads, 1, 1), template=template,
+             grid=(groups[0] * threads, groups[1], groups[2]), threadgroup=(threads, 1, 1), template=template,
              verbose=_verbose())
 
 
@@ -88,10 +90,9 @@ def forward(target: str, q: mx.array, k: mx.array, v: mx.array, scale: float, ca
     d = padded_head_dim(D)
     tiles = block_sizes(target, d, q.dtype).fwd
     q, k, v = (_pad_head(x, d) for x in (q, k, v))
-    out, lse = _launch(target, "attention_fwd", tiles, q.dtype, d,
+    out, lse = _launch(target, "attention_fwd", _template("attention_fwd", tiles, q.dtype, d), tiles.threads,
                        [q, k, v, _params(H, Hkv, Nq, Nk, causal), _fparams(scale)],
-                       [((B, H, Nq, d), q.dtype), ((B, H, Nq), mx.float32)],
-                       -(-Nq // tiles.block_q), (H, B))
+                       [((B, H, Nq, d), q.dtype), ((B, H, Nq), mx.float32)], (-(-Nq // tiles.block_q), H, B))
     return (out[..., :D] if d != D else out), lse
 
 
@@ -123,18 +124,18 @@ def backward(target: str, q: mx.array, k: mx.array, v: mx.array, out: mx.array, 
     lse = lse.astype(mx.float32)
 
     # delta = rowsum(dout ∘ out) − dlse
-    pre = Tiles(PREPROCESS_ROWS, 0, 4)
-    (delta,) = _launch(target, "attention_bwd_preprocess", pre, q.dtype, d, [out, dout, dlse, params],
-                       [((B, H, Nq), mx.float32)], -(-Nq // PREPROCESS_ROWS), (H, B),
-                       extra_template=[("ROWS", PREPROCESS_ROWS)])
+    template = [("T", q.dtype), ("D", d), ("NW", 4), ("ROWS", PREPROCESS_ROWS)]
+    (delta,) = _launch(target, "attention_bwd_preprocess", template, 128, [out, dout, dlse, params],
+                       [((B, H, Nq), mx.float32)], (-(-Nq // PREPROCESS_ROWS), H, B))
 
     grads_in = [q, k, v, dout, lse, delta, params, fparams]
     t = blocks.dq
-    (dq,) = _launch(target, "attention_bwd_dq", t, q.dtype, d, grads_in, [((B, H, Nq, d), q.dtype)],
-                    -(-Nq // t.block_q), (H, B))
+    (dq,) = _launch(target, "attention_bwd_dq", _template("attention_bwd_dq", t, q.dtype, d), t.threads, grads_in,
+                    [((B, H, Nq, d), q.dtype)], (-(-Nq // t.block_q), H, B))
     t = blocks.dkdv
-    dk, dv = _launch(target, "attention_bwd_dkdv", t, q.dtype, d, grads_in,
-                     [((B, Hkv, Nk, d), k.dtype), ((B, Hkv, Nk, d), v.dtype)], -(-Nk // t.block_k), (Hkv, B))
+    dk, dv = _launch(target, "attention_bwd_dkdv", _template("attention_bwd_dkdv", t, q.dtype, d), t.threads,
+                     grads_in, [((B, Hkv, Nk, d), k.dtype), ((B, Hkv, Nk, d), v.dtype)],
+                     (-(-Nk // t.block_k), Hkv, B))
     if d != D:
         dq, dk, dv = dq[..., :D], dk[..., :D], dv[..., :D]
     return dq, dk, dv
