@@ -213,3 +213,15 @@ def test_cuda_kernels_compile_for_sm90a(tmp_path):
     assert result.returncode == 0, result.stderr[-4000:]
     # every kernel compiled, none spills registers to local memory
     assert result.stderr.count("0 bytes spill stores") == 2 * len(VARIANTS), result.stderr[-3000:]
+
+
+@pytest.mark.parametrize("backend", ["tiled", "emulator"])
+def test_token_major_cache_is_read_in_place(backend):
+    # flash-attention's cache layout (B, N, Hkv, D): same result as (B, Hkv, N, D)
+    B, H, Hkv, N, D = 2, 4, 2, 90, 64
+    q, k, v = _rand((B, H, 2, D), 20), _rand((B, Hkv, N, D), 21), _rand((B, Hkv, N, D), 22)
+    lens = [90, 41]
+    view = KVView.contiguous(k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), lens, token_major=True)
+    out, lse = decode_attention(q, view, backend=backend, split_size=32, return_lse=True)
+    ref_out, ref_lse = _rows_reference(q, k, v, lens, causal=True)
+    _check(out, lse, ref_out, ref_lse, 2e-5)

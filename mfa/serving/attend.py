@@ -63,7 +63,8 @@ def cached_attention(
 def gather_rows(view: KVView, n: int) -> Tuple[mx.array, mx.array]:
     """Tokens ``0 .. n-1`` of every row of a contiguous or paged view, ``(B, Hkv, n, D|Dv)``."""
     if view.layout == CONTIGUOUS:
-        return view.k[:, :, :n], view.v[:, :, :n]
+        k, v = (view.k.transpose(0, 2, 1, 3), view.v.transpose(0, 2, 1, 3)) if view.token_major else (view.k, view.v)
+        return k[:, :, :n], v[:, :, :n]
     page = view.page_size
     pages = mx.clip(view.block_table[:, : -(-n // page)], 0, view.k.shape[0] - 1)
     B = pages.shape[0]

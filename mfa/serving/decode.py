@@ -189,7 +189,8 @@ def _read_split(view: KVView, start: int, stop: int):
         k = tuple(a[:, :, None, start:stop] for a in view.k)
         v = tuple(a[:, :, None, start:stop] for a in view.v)
     else:
-        k, v = view.k[:, :, None, start:stop], view.v[:, :, None, start:stop]
+        k, v = _heads_first(view)
+        k, v = k[:, :, None, start:stop], v[:, :, None, start:stop]
     if view.layout == RING:
         kpos = view.key_positions[:, start:stop]
         valid = (kpos >= 0) & (kpos < view.seqlens[:, None])
@@ -230,3 +231,9 @@ def _split_partial(qg, k, v, kpos, valid, qpos, spec: AttentionSpec, slopes, vie
     o = o / mx.maximum(l, 1e-30)
     return o, (m + mx.log(l)).squeeze(-1)
 
+
+def _heads_first(view: KVView) -> Tuple[mx.array, mx.array]:
+    """Contiguous K/V as ``(B, Hkv, N, ·)`` (a transposed view when stored token-major)."""
+    if view.token_major:
+        return view.k.transpose(0, 2, 1, 3), view.v.transpose(0, 2, 1, 3)
+    return view.k, view.v

@@ -120,6 +120,8 @@ def decode(q, view: KVView, spec: AttentionSpec, sinks, slopes, split_size: Opti
     params = [H, Hkv, Nq, QC, S, split_size, -1 if left is None else left, -1 if right is None else right,
               *params, slope_b, view.num_slots if view.layout == CONTIGUOUS else 0]
     smem = RG * QR * (D + 2) * 4
+    if target == "metal" and smem > 32 * 1024:
+        raise ValueError(f"{tuning} needs {smem} bytes of threadgroup memory, Metal has 32 KB")
     split = _kernel(target, "decode_split", smem)
     o_part, lse_part = split(
         inputs=[mx.contiguous(q), k, v, view.seqlens, table,
@@ -154,6 +156,9 @@ def _layout(view: KVView) -> Tuple[list, mx.array, mx.array, mx.array, int]:
         P, page, Hkv, _ = k.shape
         table = mx.contiguous(view.block_table.astype(mx.int32))
         return [page * Hkv * D, D, Hkv * D, P, int(table.shape[1])], k, v, table, int(page)
+    if view.token_major:  # (B, N, Hkv, D)
+        _, N, Hkv, _ = k.shape
+        return [N * Hkv * D, D, Hkv * D, 0, 0], k, v, mx.zeros((1, 1), mx.int32), 0
     _, Hkv, N, _ = k.shape
     return [Hkv * N * D, N * D, D, 0, 0], k, v, mx.zeros((1, 1), mx.int32), 0
 

@@ -4,9 +4,10 @@ Layout is mlx-lm's: keys and values are each ``(packed uint32 (B, Hkv, N, D·bit
 (B, Hkv, N, D/group_size), biases (same))``. `decode_attention` never dequantizes the whole cache: each
 split's scores and outputs come from `mx.quantized_matmul` on that split.
 
-Error: each element is rounded to one of ``2**bits`` levels per group of ``group_size``, so K/V carry a
-relative error up to ``1/(2**bits - 1)`` of the group's range; with 8 bits the attention output stays
-within about 1e-2 of full precision on unit-normal inputs, with 4 bits within about 2e-1.
+Error: each element is rounded to one of ``2**bits`` levels of its group's range (``group_size``
+elements), so K/V carry an error up to half a level. The attention output then stays within 2e-2 of full
+precision with 8 bits and within 2.5e-1 with 4 bits on unit-normal K/V (D=64, group 32; measured 6e-3 and
+5e-2, tests/test_serving_decode.py); the split-K itself adds only float32 rounding.
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 Every cache hands `decode_attention` a `KVView`:
 
-* ``contiguous``: ``k (B, Hkv, N, D)``, ``v (B, Hkv, N, Dv)``; key slot ``j`` holds position ``j``.
+* ``contiguous``: ``k (B, Hkv, N, D)``, ``v (B, Hkv, N, Dv)``; key slot ``j`` holds position ``j``
+  (``token_major``: stored ``(B, N, Hkv, D)`` instead, flash-attention's cache layout).
 * ``paged``: ``k (num_pages, page_size, Hkv, D)`` page pool plus ``block_table (B, max_pages)`` int32
   (``-1`` = unused); logical position ``j`` of row ``b`` lives in page ``block_table[b, j // page_size]``.
 * ``ring`` (sliding window): contiguous slots whose absolute positions are ``key_positions (B|1, N)``
@@ -39,6 +40,7 @@ class KVView(NamedTuple):
         key_positions: ``(B|1, N)`` int32 absolute position of each slot, ``-1`` = empty (ring only).
         group_size: quantization group size (quantized only).
         bits: quantization bits (quantized only).
+        token_major: contiguous K/V are stored ``(B, N, Hkv, D)`` (not ``(B, Hkv, N, D)``).
     """
 
     layout: str
@@ -50,6 +52,7 @@ class KVView(NamedTuple):
     key_positions: Optional[mx.array] = None
     group_size: Optional[int] = None
     bits: Optional[int] = None
+    token_major: bool = False
 
     @property
     def quantized(self) -> bool:
@@ -62,7 +65,7 @@ class KVView(NamedTuple):
     @property
     def num_kv_heads(self) -> int:
         k = self.k[0] if self.quantized else self.k
-        return int(k.shape[2] if self.layout == PAGED else k.shape[1])
+        return int(k.shape[2] if self.layout == PAGED or self.token_major else k.shape[1])
 
     @property
     def head_dim(self) -> int:
@@ -86,14 +89,15 @@ class KVView(NamedTuple):
         if self.layout == PAGED:
             return int(self.block_table.shape[1]) * self.page_size
         k = self.k[0] if self.quantized else self.k
-        return int(k.shape[2])
+        return int(k.shape[1] if self.token_major else k.shape[2])
 
     @property
     def dtype(self) -> mx.Dtype:
         return self.k[1].dtype if self.quantized else self.k.dtype
 
     @classmethod
-    def contiguous(cls, k: Arrays, v: Arrays, seqlens, *, group_size=None, bits=None, check=True) -> "KVView":
+    def contiguous(cls, k: Arrays, v: Arrays, seqlens, *, group_size=None, bits=None, token_major=False,
+                   check=True) -> "KVView":
         """A view of ``k (B, Hkv, N, D)``, ``v (B, Hkv, N, Dv)`` holding ``seqlens`` tokens per row.
 
         Args:
@@ -102,12 +106,15 @@ class KVView(NamedTuple):
             seqlens: an int (every row) or ``(B,)`` ints, each in ``[0, N]``.
             group_size: quantization group size when ``k``/``v`` are triples.
             bits: quantization bits when ``k``/``v`` are triples.
+            token_major: ``k``/``v`` are ``(B, N, Hkv, D)``/``(B, N, Hkv, Dv)`` (read in place, no transpose).
             check: validate shapes and lengths (raises ``ValueError``).
         """
         kk = k[0] if bits is not None else k
         B = int(kk.shape[0])
         lens_host, lens = _seqlens(seqlens, B)
-        view = cls(CONTIGUOUS, k, v, lens, lens_host, group_size=group_size, bits=bits)
+        if token_major and bits is not None:
+            raise ValueError("quantized K/V must be (B, Hkv, N, D): token_major is not supported")
+        view = cls(CONTIGUOUS, k, v, lens, lens_host, group_size=group_size, bits=bits, token_major=token_major)
         if check:
             view.check()
         return view

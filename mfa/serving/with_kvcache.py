@@ -120,7 +120,7 @@ def flash_attn_with_kvcache(
         view = KVView.paged(k_cache, v_cache, table, total)
     else:
         kc, vc = (k_cache, v_cache) if cache_batch_idx is None else (k_cache[mx.array(rows)], v_cache[mx.array(rows)])
-        view = KVView.contiguous(kc.transpose(0, 2, 1, 3), vc.transpose(0, 2, 1, 3), total)
+        view = KVView.contiguous(kc, vc, total, token_major=True)
     split_size = None if num_splits <= 0 else max(1, -(-int(total.max()) // num_splits))
     out, lse = decode_attention(
         q.transpose(0, 2, 1, 3), view, scale=softmax_scale, causal=causal, window=window_size,
