@@ -8,6 +8,7 @@ binds every buffer in the device address space.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from typing import Optional, Tuple
@@ -46,8 +47,19 @@ def _fparams(scale: float) -> mx.array:
 
 
 def block_sizes(target: str, head_dim: int, dtype: mx.Dtype) -> BlockSizes:
-    """The tiles `target` uses for a (compiled) head dim and dtype."""
-    return BlockSizes.default(head_dim, dtype, build.arch_of(target))
+    """The tiles `target` uses for a (compiled) head dim and dtype.
+
+    ``$MFA_BLOCKS`` overrides them for tuning, e.g. ``fwd=128x64x8x2,dq=64x64x4x2,dkdv=64x64x4``
+    (block_q x block_k x warps [x stages] per kernel).
+    """
+    blocks = BlockSizes.default(head_dim, dtype, build.arch_of(target))
+    override = os.environ.get("MFA_BLOCKS", "")
+    for item in filter(None, override.split(",")):
+        kernel, _, dims = item.partition("=")
+        if kernel not in ("fwd", "dq", "dkdv"):
+            raise ValueError(f"MFA_BLOCKS: unknown kernel {kernel!r} in {override!r}")
+        blocks = dataclasses.replace(blocks, **{kernel: Tiles(*(int(x) for x in dims.split("x")))})
+    return blocks
 
 
 def _template(name: str, tiles: Tiles, dtype: mx.Dtype, d: int):

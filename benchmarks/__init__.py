@@ -1,0 +1,1 @@
+"""Benchmarks of mfa against MLX SDPA and naive attention (``python -m benchmarks.run``)."""

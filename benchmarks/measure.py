@@ -1,0 +1,121 @@
+"""Timing, memory and FLOP accounting for one attention call, for every benchmarked backend.
+
+Backends: ``sdpa`` (`mx.fast.scaled_dot_product_attention`), ``naive`` (plain MLX ops: the
+score matrix materialized in the input dtype, softmax in float32) and ``mfa:<backend>``
+(`mfa.flash_attention` with ``backend=<backend>``: auto, tiled, cuda, metal, emulator, ...).
+Modes: ``fwd`` (out) and ``fwd+bwd`` (dq, dk, dv of sum(out·dout) through ``mx.grad``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+from typing import Callable, Optional
+
+import mlx.core as mx
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One attention shape: q ``(B, H, N, D)``, k/v ``(B, Hkv, N, D)``."""
+
+    B: int
+    H: int
+    Hkv: int
+    N: int
+    D: int
+    causal: bool
+
+    @property
+    def label(self) -> str:
+        gqa = f"/{self.Hkv}" if self.Hkv != self.H else ""
+        return f"B={self.B} H={self.H}{gqa} N={self.N} D={self.D}{' causal' if self.causal else ''}"
+
+    def attended_fraction(self) -> float:
+        """Share of the N x N (query, key) pairs that attention visits."""
+        return (self.N + 1) / (2 * self.N) if self.causal else 1.0
+
+    def flops(self, mode: str) -> float:
+        """Forward: 4·B·H·N·N·D × attended fraction (two matmuls); fwd+bwd: 3.5 × forward."""
+        fwd = 4.0 * self.B * self.H * self.N * self.N * self.D * self.attended_fraction()
+        return fwd if mode == "fwd" else 3.5 * fwd
+
+
+def naive_attention(q, k, v, scale, causal):
+    """Materialized attention in MLX ops: scores in the input dtype, softmax in float32."""
+    H, Hkv = q.shape[1], k.shape[1]
+    if Hkv != H:
+        k, v = mx.repeat(k, H // Hkv, axis=1), mx.repeat(v, H // Hkv, axis=1)
+    s = (q @ k.swapaxes(-1, -2)) * scale
+    if causal:
+        Nq, Nk = q.shape[2], k.shape[2]
+        keep = mx.arange(Nk)[None, :] <= mx.arange(Nq)[:, None] + (Nk - Nq)
+        s = mx.where(keep, s, mx.array(-float("inf"), s.dtype))
+    p = mx.softmax(s.astype(mx.float32), axis=-1).astype(q.dtype)
+    return p @ v
+
+
+def attention_fn(backend: str, causal: bool, scale: float) -> Callable:
+    """``(q, k, v) -> out`` for a benchmark backend name."""
+    if backend == "sdpa":
+        return lambda q, k, v: mx.fast.scaled_dot_product_attention(
+            q, k, v, scale=scale, mask="causal" if causal else None)
+    if backend == "naive":
+        return lambda q, k, v: naive_attention(q, k, v, scale, causal)
+    if backend.startswith("mfa:"):
+        import mfa
+
+        name = backend[4:]
+        return lambda q, k, v: mfa.flash_attention(q, k, v, scale=scale, causal=causal, backend=name)
+    raise ValueError(f"unknown benchmark backend {backend!r}")
+
+
+def step_fn(backend: str, case: Case, mode: str, dtype) -> Callable[[], list]:
+    """A closure running one timed step (fresh lazy graph, returns the arrays to evaluate)."""
+    key = mx.random.key(0)
+    kq, kk, kv, kd = mx.random.split(key, 4)
+    q = mx.random.normal((case.B, case.H, case.N, case.D), key=kq).astype(dtype)
+    k = mx.random.normal((case.B, case.Hkv, case.N, case.D), key=kk).astype(dtype)
+    v = mx.random.normal((case.B, case.Hkv, case.N, case.D), key=kv).astype(dtype)
+    dout = mx.random.normal(q.shape, key=kd).astype(dtype)
+    mx.eval(q, k, v, dout)
+    attn = attention_fn(backend, case.causal, case.D**-0.5)
+    if mode == "fwd":
+        return lambda: [attn(q, k, v)]
+    grad = mx.grad(lambda q, k, v: (attn(q, k, v) * dout).astype(mx.float32).sum(), argnums=(0, 1, 2))
+    return lambda: list(grad(q, k, v))
+
+
+@dataclasses.dataclass
+class Result:
+    ms: Optional[float] = None
+    tflops: Optional[float] = None
+    peak_mib: Optional[float] = None
+    error: str = ""
+
+
+def measure(backend: str, case: Case, mode: str, dtype, warmup: int, iters: int) -> Result:
+    """Median wall time over `iters` runs after `warmup`, and the extra peak memory of one run."""
+    try:
+        step = step_fn(backend, case, mode, dtype)
+        for _ in range(warmup):
+            mx.eval(step())
+        mx.synchronize()
+        base = mx.get_active_memory()
+        mx.reset_peak_memory()
+        mx.eval(step())
+        mx.synchronize()
+        peak = (mx.get_peak_memory() - base) / 2**20
+        times = []
+        for _ in range(iters):
+            t0 = time.perf_counter()
+            mx.eval(step())
+            mx.synchronize()
+            times.append(time.perf_counter() - t0)
+        ms = 1e3 * statistics.median(times)
+        return Result(ms=ms, tflops=case.flops(mode) / (ms * 1e-3) / 1e12, peak_mib=peak)
+    except Exception as err:  # OOM, an unsupported call: reported in the table, not fatal
+        return Result(error=f"{type(err).__name__}: {str(err).splitlines()[0][:160]}")
+    finally:
+        mx.clear_cache()
