@@ -9,7 +9,7 @@ from mlx.utils import tree_flatten
 
 import mfa
 from mfa.nn import Attention, CausalLM, ModelConfig, MultiHeadAttention, apply_lora
-from mfa.serving.cache import KVCache
+from mfa.serving import KVCache
 
 
 def naive_attention(q, k, v, scale, causal=False, window=None, softcap=None, bias=None):
