@@ -61,11 +61,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 TUNINGS = [
-    native.Tuning(),
-    native.Tuning(steps=2),
-    native.Tuning(steps=8),
+    native.Tuning(),  # tensor cores (decode_split_mma), 4 warps: the CUDA default
+    native.Tuning(mma=False),  # CUDA cores (decode_split)
     native.Tuning(threads=256),
-    native.Tuning(threads=64, steps=4),
+    native.Tuning(threads=64),
+    native.Tuning(mma=False, steps=2),
+    native.Tuning(mma=False, steps=8),
     native.Tuning(blocks=1024),
     native.Tuning(blocks=16384),
 ]
@@ -153,7 +154,7 @@ def bandwidth(args, target: str) -> dict:
             rows.append({"case": f"paged page={page}", "error": f"{type(e).__name__}: {e}"})
             continue
         paged = KVView.paged(k_pool, v_pool, table, N)
-        for tuning in TUNINGS[:4]:
+        for tuning in TUNINGS[:3]:
             record(f"mfa {target} paged page={page} {_label(tuning)}",
                    lambda t=tuning: native.decode(q, paged, spec, None, None, None, target, t)[0],
                    tuning=dataclasses.asdict(tuning), page=page)
@@ -163,7 +164,9 @@ def bandwidth(args, target: str) -> dict:
 
 
 def _label(t: native.Tuning) -> str:
-    return f"[threads={t.threads} steps={t.steps} rows={t.max_rows} blocks={t.blocks}]"
+    if t.mma:
+        return f"[mma threads={t.threads} blocks={t.blocks}]"
+    return f"[scalar threads={t.threads} steps={t.steps} rows={t.max_rows} blocks={t.blocks}]"
 
 
 def _full_checks(outputs: dict) -> list:

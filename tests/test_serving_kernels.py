@@ -11,7 +11,7 @@ import pytest
 from mfa.kernels import build, sources
 from mfa.ops.reference import attention_reference
 from mfa.serving import KVView, decode_attention
-from mfa.serving.decode import _spec
+from mfa.serving.decode import _slopes, _spec
 from mfa.serving.native import Tuning, decode
 
 pytestmark = pytest.mark.skipif(not build.is_available("emulator"), reason="the CPU executor needs a C++ compiler")
@@ -86,9 +86,21 @@ def _options(opts, B, H):
     return opts
 
 
+def _native(q, view, tuning, split_size=None, causal=True, window=None, softcap=None, sinks=None, alibi_slopes=None):
+    """`decode_attention` through the CPU executor with an explicit launch `Tuning`."""
+    spec = _spec(q, view, None, causal, window, softcap, sinks, alibi_slopes)
+    slopes = None if alibi_slopes is None else _slopes(alibi_slopes, q.shape[0], q.shape[1])
+    return decode(q, view, spec, sinks, slopes, split_size, "emulator", tuning)
+
+
+KERNELS = {"scalar": Tuning(mma=False, blocks=8), "mma": Tuning(mma=True, blocks=8)}
+
+
+@pytest.mark.parametrize("kernel", sorted(KERNELS))
 @pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
 @pytest.mark.parametrize("D,H,Hkv,Nq,dtype,opts", CASES)
-def test_kernel_matches_reference(paged, D, H, Hkv, Nq, dtype, opts):
+def test_kernel_matches_reference(kernel, paged, D, H, Hkv, Nq, dtype, opts):
+    # the mma kernel covers half/bfloat16 with D in {64, 128}; elsewhere it falls back to the scalar one
     B, N = 3, 150
     lens = [150, Nq + 2, 0 if not paged else 37]
     q, k, v = _rand((B, H, Nq, D), 1, dtype), _rand((B, Hkv, N, D), 2, dtype), _rand((B, Hkv, N, D), 3, dtype)
@@ -98,7 +110,7 @@ def test_kernel_matches_reference(paged, D, H, Hkv, Nq, dtype, opts):
         view = KVView.paged(kp, vp, table, lens)
     else:
         view = KVView.contiguous(k, v, lens)
-    out, lse = decode_attention(q, view, backend="emulator", split_size=48, return_lse=True, **options)
+    out, lse = _native(q, view, KERNELS[kernel], split_size=48, **options)
     assert out.dtype == dtype and lse.dtype == mx.float32
     causal = options.pop("causal", True)
     ref_out, ref_lse = _rows_reference(q, k, v, lens, causal=causal, **options)
@@ -108,15 +120,21 @@ def test_kernel_matches_reference(paged, D, H, Hkv, Nq, dtype, opts):
     _check(out, lse, ref_out, ref_lse, atol)
 
 
-@pytest.mark.parametrize("tuning", [Tuning(threads=64, steps=1, max_rows=1), Tuning(threads=256, steps=8, max_rows=2)])
-def test_launch_shapes_do_not_change_result(tuning):
+@pytest.mark.parametrize(
+    "tuning,dtype",
+    [(Tuning(threads=64, steps=1, max_rows=1, mma=False), mx.float32),
+     (Tuning(threads=256, steps=8, max_rows=2, mma=False), mx.float32),
+     (Tuning(threads=64), mx.bfloat16), (Tuning(threads=256), mx.bfloat16)],
+)
+def test_launch_shapes_do_not_change_result(tuning, dtype):
     B, H, Hkv, N, D = 2, 8, 2, 200, 64
-    q, k, v = _rand((B, H, 2, D), 4), _rand((B, Hkv, N, D), 5), _rand((B, Hkv, N, D), 6)
+    q, k, v = _rand((B, H, 2, D), 4, dtype), _rand((B, Hkv, N, D), 5, dtype), _rand((B, Hkv, N, D), 6, dtype)
     view = KVView.contiguous(k, v, [200, 90])
-    spec = _spec(q, view, None, True, None, None, None, None)
-    out, lse = decode(q, view, spec, None, None, None, "emulator", tuning)
+    out, lse = _native(q, view, tuning)
     ref_out, ref_lse = _rows_reference(q, k, v, [200, 90], causal=True)
-    _check(out, lse, ref_out, ref_lse, 2e-5)
+    tiled = decode_attention(q, view, backend="tiled")
+    atol = 2e-5 if dtype == mx.float32 else 2 * mx.abs(tiled.astype(mx.float32) - ref_out).max().item() + 1e-4
+    _check(out, lse, ref_out, ref_lse, atol)
 
 
 def test_kernel_bounds_checks_unvalidated_views():
@@ -198,6 +216,14 @@ def test_cuda_kernels_compile_for_sm90a(tmp_path):
              "float* o_part", "float* lse_part"],
             [("T", ctype), ("KIND", kind), ("D", D), ("QR", 4), ("NT", 128), ("U", 4), ("PAGE", page),
              ("SOFTCAP", softcap), ("ALIBI", alibi), ("SMEM", smem)]))
+        if ctype != "float" and D in (64, 128):
+            units.append(_cuda_kernel(
+                "decode_split_mma", i,
+                [f"const {ctype}* q", f"const {ctype}* k", f"const {ctype}* v", "const int32_t* seqlens",
+                 "const int32_t* table", "const float* slopes", "const int32_t* params", "const float* fparams",
+                 "float* o_part", "float* lse_part"],
+                [("T", ctype), ("D", D), ("QR", 16), ("NW", 4), ("PAGE", page), ("SOFTCAP", softcap),
+                 ("ALIBI", alibi), ("SMEM", 4 * 16 * (D + 2) * 4)]))
         units.append(_cuda_kernel(
             "decode_merge", i,
             ["const float* o_part", "const float* lse_part", "const float* sinks", "const int32_t* params",
@@ -212,7 +238,8 @@ def test_cuda_kernels_compile_for_sm90a(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-4000:]
     # every kernel compiled, none spills registers to local memory
-    assert result.stderr.count("0 bytes spill stores") == 2 * len(VARIANTS), result.stderr[-3000:]
+    kernels = sum(u.startswith("namespace mlx::core::cu") for u in units)
+    assert result.stderr.count("0 bytes spill stores") == kernels == 11, result.stderr[-3000:]
 
 
 @pytest.mark.parametrize("backend", ["tiled", "emulator"])

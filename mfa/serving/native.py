@@ -1,10 +1,11 @@
-"""Native decode kernels: ``metal/decode_split`` + ``metal/decode_merge`` on CUDA, Metal or the CPU executor.
+"""Native decode kernels: ``metal/decode_split[_mma]`` + ``metal/decode_merge`` on CUDA, Metal or the CPU executor.
 
 The bodies are written once in the kernel dialect (``metal/prelude_*.h``) plus ``metal/decode_common.h``
-and built per target like the attention kernels (`mfa.kernels`). ``decode_split`` computes one partial
+and built per target like the attention kernels (`mfa.kernels`). A split kernel computes one partial
 ``(o, lse)`` per (split of the keys, KV head × query-row chunk, batch row), reading each K/V row once for
 all query heads of its KV head with 16-byte loads; ``decode_merge`` combines the splits by lse and adds
-the sink term.
+the sink term. ``decode_split`` does the math on CUDA cores (every target, any supported D);
+``decode_split_mma`` on tensor cores (CUDA's mma.sync, half/bfloat16, D in {64, 128}), the CUDA default.
 """
 
 from __future__ import annotations
@@ -28,26 +29,30 @@ MAX_QUERIES = 16
 
 @dataclasses.dataclass(frozen=True)
 class Tuning:
-    """Launch shape of ``decode_split``.
+    """Launch shape of the split kernel.
 
     Attributes:
         threads: threads per threadgroup (a multiple of 32).
-        steps: K/V rows each lane group loads before computing (the U unroll: more bytes in flight,
-            more registers).
-        max_rows: most query rows (query heads × new tokens of one KV head) per threadgroup; more rows
+        steps: ``decode_split``: K/V rows each lane group loads before computing (the U unroll: more
+            bytes in flight, more registers).
+        max_rows: ``decode_split``: most query rows (query heads × new tokens of one KV head) per threadgroup; more rows
             are split over threadgroups (each reads the K/V again).
         blocks: threadgroups the automatic split size aims at (enough to fill the GPU, few partials).
+        mma: use ``decode_split_mma`` (tensor cores; 16 query rows per threadgroup, ``threads / 32`` warps
+            each taking blocks of 16 keys) where it applies: CUDA or the CPU executor, half/bfloat16,
+            D in {64, 128}.
     """
 
     threads: int = 128
     steps: int = 4
     max_rows: int = 4
     blocks: int = 4096
+    mma: bool = True
 
     @staticmethod
     def default(target: str) -> "Tuning":
         """Defaults per target: CUDA fills 132 SMs; Metal and the CPU executor want fewer, larger splits."""
-        return {"cuda": Tuning(), "metal": Tuning(blocks=1024), "emulator": Tuning(blocks=8)}[target]
+        return {"cuda": Tuning(), "metal": Tuning(blocks=1024, mma=False), "emulator": Tuning(blocks=8)}[target]
 
 
 def gpu_target() -> Optional[str]:
@@ -104,10 +109,15 @@ def decode(q, view: KVView, spec: AttentionSpec, sinks, slopes, split_size: Opti
     NT, U = tuning.threads, tuning.steps
     B, H, Nq, D = q.shape
     Hkv, G = view.num_kv_heads, H // view.num_kv_heads
-    rows = 1 << max(0, (G * Nq - 1).bit_length())  # query rows per KV head, rounded to a power of 2
-    QR = min(rows, tuning.max_rows)
+    mma = tuning.mma and target in ("cuda", "emulator") and q.dtype in (mx.float16, mx.bfloat16) and D in (64, 128)
+    if mma:
+        # 16 query rows per threadgroup (the M of m16n8k16); each warp takes 16 keys per step
+        QR, RG, U = min(16, G * Nq), NT // 32, 16
+    else:
+        rows = 1 << max(0, (G * Nq - 1).bit_length())  # query rows per KV head, rounded to a power of 2
+        QR = min(rows, tuning.max_rows)
+        RG = NT // (D // (16 // view.dtype.size))
     QC = -(-G * Nq // QR)
-    RG = NT // (D // (16 // view.dtype.size))
     n_max = int(view.seqlens_host.max()) if view.seqlens_host.size else 0
     if split_size is None:
         # enough splits to fill the GPU; each a whole number of steps
@@ -122,7 +132,7 @@ def decode(q, view: KVView, spec: AttentionSpec, sinks, slopes, split_size: Opti
     smem = RG * QR * (D + 2) * 4
     if target == "metal" and smem > 32 * 1024:
         raise ValueError(f"{tuning} needs {smem} bytes of threadgroup memory, Metal has 32 KB")
-    split = _kernel(target, "decode_split", smem)
+    split = _kernel(target, "decode_split_mma" if mma else "decode_split", smem)
     o_part, lse_part = split(
         inputs=[mx.contiguous(q), k, v, view.seqlens, table,
                 mx.zeros((1,), mx.float32) if slopes is None else mx.contiguous(slopes),
@@ -131,9 +141,10 @@ def decode(q, view: KVView, spec: AttentionSpec, sinks, slopes, split_size: Opti
         output_dtypes=[mx.float32, mx.float32],
         grid=(S * NT, Hkv * QC, B),
         threadgroup=(NT, 1, 1),
-        template=[("T", q.dtype), ("KIND", KINDS[q.dtype]), ("D", D), ("QR", QR), ("NT", NT), ("U", U),
-                  ("PAGE", page), ("SOFTCAP", spec.softcap is not None), ("ALIBI", slopes is not None),
-                  ("SMEM", smem)],
+        template=(
+            [("T", q.dtype), ("D", D), ("QR", QR), ("NW", NT // 32)] if mma else
+            [("T", q.dtype), ("KIND", KINDS[q.dtype]), ("D", D), ("QR", QR), ("NT", NT), ("U", U)]
+        ) + [("PAGE", page), ("SOFTCAP", spec.softcap is not None), ("ALIBI", slopes is not None), ("SMEM", smem)],
     )
     merge = _kernel(target, "decode_merge", 0)
     out, lse = merge(
@@ -166,7 +177,7 @@ def _layout(view: KVView) -> Tuple[list, mx.array, mx.array, mx.array, int]:
 @functools.cache
 def _kernel(target: str, name: str, shared: int):
     """The kernel object of ``name`` on ``target`` (one per CUDA dynamic shared size)."""
-    inputs, outputs = SPLIT_IO if name == "decode_split" else MERGE_IO
+    inputs, outputs = MERGE_IO if name == "decode_merge" else SPLIT_IO
     body = sources.read(f"{name}.metal")
     common = sources.read("decode_common.h")
     if target == "metal":
@@ -175,4 +186,6 @@ def _kernel(target: str, name: str, shared: int):
     if target == "cuda":
         return mx.fast.cuda_kernel(name=name, input_names=inputs, output_names=outputs, source=body,
                                    header=sources.header("cuda") + common, shared_memory=shared)
-    return emulator.EmulatorKernel(name, inputs, outputs, body, header=common, arch=build.emulator_arch())
+    # the tensor-core body needs the CUDA fragment family (mma.sync) in the CPU executor
+    arch = "cuda" if name == "decode_split_mma" else build.emulator_arch()
+    return emulator.EmulatorKernel(name, inputs, outputs, body, header=common, arch=arch)
