@@ -182,3 +182,24 @@ def test_prefix_cache_match_insert_evict():
     assert prefix.num_pages == 1 and cache.pool.num_free == 0
     with pytest.raises(PoolFullError):
         cache.batch([b], 3)
+
+
+def test_mlx_lm_model_runs_on_mfa_caches():
+    # the mlx-lm cache protocol: an mlx-lm model decodes identically with mfa's KVCache
+    llama = pytest.importorskip("mlx_lm.models.llama")
+    from mlx_lm.models.cache import KVCache as MlxLmKVCache
+
+    args = llama.ModelArgs(model_type="llama", hidden_size=64, num_hidden_layers=2, intermediate_size=128,
+                           num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, vocab_size=50)
+    mx.random.seed(0)
+    model = llama.Model(args)
+    mx.eval(model.parameters())
+    tokens = mx.array([[1, 2, 3, 4, 5, 6, 7]])
+
+    def run(make):
+        cache = [make() for _ in model.layers]
+        logits = [model(tokens[:, :5], cache=cache)[:, -1]]
+        logits += [model(tokens[:, t : t + 1], cache=cache)[:, -1] for t in (5, 6)]
+        return np.array(mx.stack(logits))
+
+    np.testing.assert_allclose(run(KVCache), run(MlxLmKVCache), atol=1e-5)

@@ -122,3 +122,16 @@ def test_pool_pressure_queues_sequences(model, expected):
     rt = Runtime(model, num_pages=13, page_size=4, max_batch=4, prefix_reuse=False)
     assert rt.generate(PROMPTS, max_tokens=5, progress=False) == expected
     assert rt.stats.peak_pages <= 13
+
+
+def test_generate_example_runs(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "serving" / "generate.py"
+    spec = importlib.util.spec_from_file_location("serving_generate", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    report = example.main(["--random-init", "--max-tokens", "6", "--out", str(tmp_path)])
+    assert len(report["texts"]) == len(example.PROMPTS) and report["reused_prompt_tokens"] > 0
+    assert (tmp_path / "generate.json").exists()
