@@ -129,6 +129,8 @@ def decode(q, view: KVView, spec: AttentionSpec, sinks, slopes, split_size: Opti
     slope_b = 0 if slopes is None or slopes.shape[0] == 1 else H
     params = [H, Hkv, Nq, QC, S, split_size, -1 if left is None else left, -1 if right is None else right,
               *params, slope_b, view.num_slots if view.layout == CONTIGUOUS else 0]
+    if max(params) >= 2**31:
+        raise ValueError(f"cache strides {params[8:11]} exceed int32: split the batch into smaller caches")
     smem = RG * QR * (D + 2) * 4
     if target == "metal" and smem > 32 * 1024:
         raise ValueError(f"{tuning} needs {smem} bytes of threadgroup memory, Metal has 32 KB")
