@@ -25,8 +25,9 @@ import mlx.core as mx
 from benchmarks import run as bench
 
 TUNE_VARIANTS = {
-    "fwd": ["128x64x8x2", "128x64x4x2", "64x64x4x2", "128x128x8x2"],
-    "bwd": ["dq=64x64x4x2,dkdv=64x64x4", "dq=128x64x8x2,dkdv=64x128x8", "dq=64x128x4x2,dkdv=128x64x4"],
+    "fwd": ["128x64x4x2", "128x32x4x2", "64x64x4x2"],
+    "bwd": ["dq=64x64x4x2,dkdv=64x64x4x2", "dq=64x64x4x2,dkdv=64x64x4x1", "dq=64x64x4x2,dkdv=32x64x4x2",
+            "dq=64x32x4x2,dkdv=64x64x4x2"],
 }
 
 

@@ -7,14 +7,15 @@
 //   inputs:   q, dout (B, H, NQ, D), k, v (B, HKV, NK, D) in T, lse, delta (B, H, NQ) float32,
 //             params int32 [H, HKV, NQ, NK, CAUSAL], fparams float32 [scale·log2(e), scale]
 //   outputs:  dk, dv (B, HKV, NK, D) in T
-//   template: T, D, BQ, BK, NW, SMEM
+//   template: T, D, BQ, BK, NW, STAGES (query tiles in flight), SMEM
 //   grid (ceil(NK/BK)·32·NW, HKV, B), threadgroup (32·NW, 1, 1)
 using namespace mfa;
 constexpr int NT = 32 * NW;
 constexpr int WM = BK / NW;  // key rows per warp
 constexpr int LD = D + 8;
+constexpr int QSTAGE = 2 * BQ * LD * int(sizeof(T)) + 2 * BQ * 4;  // bytes of Q, dO, lse, delta
 static_assert(WM % kFragRows == 0, "BK/NW must be a multiple of the fragment height");
-static_assert(SMEM >= (2 * BK + 2 * BQ) * LD * int(sizeof(T)) + 2 * BQ * 4, "SMEM too small");
+static_assert(SMEM >= 2 * BK * LD * int(sizeof(T)) + STAGES * QSTAGE, "SMEM too small");
 
 const int kt = int(threadgroup_position_in_grid.x);
 const int hk = int(threadgroup_position_in_grid.y);
@@ -33,20 +34,19 @@ const int group = H / HKV;
 MFA_SHARED(smem, SMEM);
 MFA_TG T* sK = reinterpret_cast<MFA_TG T*>(smem);
 MFA_TG T* sV = sK + BK * LD;
-MFA_TG T* sQ = sV + BK * LD;
-MFA_TG T* sdO = sQ + BQ * LD;
-MFA_TG float* sLse = reinterpret_cast<MFA_TG float*>(sdO + BQ * LD);  // log2 units
-MFA_TG float* sDelta = sLse + BQ;
+MFA_TG unsigned char* sStages = smem + 2 * BK * LD * int(sizeof(T));  // STAGES x (Q, dO, lse, delta)
 
 const long kv_base = long(b * HKV + hk) * NK + k0;
 copy_tile_async<BK, D, NT>(sK, LD, k + kv_base * D, D, NK - k0, tid);
 copy_tile_async<BK, D, NT>(sV, LD, v + kv_base * D, D, NK - k0, tid);
 mfa_async_commit();
 
-// Query rows that see any key of this tile (causal: rows i with i + offset >= k0).
+// Query tiles that see any key of this tile (causal: rows i with i + offset >= k0), for every
+// query head of the group: work item w is (head g = w / nq, query tile qt_begin + w % nq).
 const int q_first = causal ? (k0 - offset > 0 ? k0 - offset : 0) : 0;
 const int qt_begin = q_first / BQ;
-const int qt_end = (NQ + BQ - 1) / BQ;
+const int nq = (NQ + BQ - 1) / BQ - qt_begin;
+const int nwork = nq > 0 ? group * nq : 0;
 
 Acc<WM, D> dk, dv;
 dk.zero();
@@ -55,48 +55,60 @@ MFA_TG const T* sKw = sK + warp * WM * LD;
 MFA_TG const T* sVw = sV + warp * WM * LD;
 const int key0 = k0 + warp * WM;
 
-for (int g = 0; g < group; ++g) {
-  const long row_base = long(b * H + hk * group + g) * NQ;
-  for (int qt = qt_begin; qt < qt_end; ++qt) {
-    const int q0 = qt * BQ;
-    mfa_barrier();  // the previous query tile is no longer read
-    copy_tile_async<BQ, D, NT>(sQ, LD, q + (row_base + q0) * D, D, NQ - q0, tid);
-    copy_tile_async<BQ, D, NT>(sdO, LD, dout + (row_base + q0) * D, D, NQ - q0, tid);
-    mfa_async_commit();
+// Iteration w computes work item w while items w+1 .. w+STAGES-1 are in flight.
+for (int w = 1 - STAGES; w < nwork; ++w) {
+  const int wn = w + STAGES - 1;
+  if (wn < nwork) {
+    const int q0 = (qt_begin + wn % nq) * BQ;
+    const long rows = long(b * H + hk * group + wn / nq) * NQ + q0;
+    MFA_TG unsigned char* stage = sStages + (wn % STAGES) * QSTAGE;
+    MFA_TG T* dQ = reinterpret_cast<MFA_TG T*>(stage);
+    MFA_TG float* dL = reinterpret_cast<MFA_TG float*>(dQ + 2 * BQ * LD);
+    copy_tile_async<BQ, D, NT>(dQ, LD, q + rows * D, D, NQ - q0, tid);
+    copy_tile_async<BQ, D, NT>(dQ + BQ * LD, LD, dout + rows * D, D, NQ - q0, tid);
     for (int i = tid; i < BQ; i += NT) {
       const bool valid = q0 + i < NQ;
-      sLse[i] = valid ? lse[row_base + q0 + i] * 1.4426950408889634f : 0.0f;
-      sDelta[i] = valid ? delta[row_base + q0 + i] : 0.0f;
+      dL[i] = valid ? lse[rows + i] * 1.4426950408889634f : 0.0f;  // log2 units
+      dL[BQ + i] = valid ? delta[rows + i] : 0.0f;
     }
-    mfa_async_wait<0>();
-    mfa_barrier();
-
-    // Pᵀ = exp2(k·qᵀ·scale·log2(e) − lse), zero where masked
-    Acc<WM, BQ> pt;
-    pt.zero();
-    mma_abt<D>(pt, sKw, LD, sQ, LD, lc);
-    const bool edge = q0 + BQ > NQ || k0 + BK > NK || (causal && k0 + BK - 1 > q0 + offset);
-    MFA_UNROLL
-    for (int i = 0; i < Acc<WM, BQ>::SIZE; ++i) {
-      const int c = Acc<WM, BQ>::col(lc, i);
-      const int j = key0 + Acc<WM, BQ>::row(lc, i);
-      const int r = q0 + c;
-      const bool keep = !edge || (r < NQ && j < NK && !(causal && j > r + offset));
-      pt.v[i] = keep ? mfa_exp2f(pt.v[i] * scale_log2 - sLse[c]) : 0.0f;
-    }
-
-    // dv += Pᵀ·dout
-    mma_ab<BQ>(dv, pt, sdO, LD, lc);
-
-    // dPᵀ = v·doutᵀ, dSᵀ = Pᵀ ∘ (dPᵀ − delta), dk += dSᵀ·q
-    Acc<WM, BQ> dst;
-    dst.zero();
-    mma_abt<D>(dst, sVw, LD, sdO, LD, lc);
-    MFA_UNROLL
-    for (int i = 0; i < Acc<WM, BQ>::SIZE; ++i)
-      dst.v[i] = pt.v[i] * (dst.v[i] - sDelta[Acc<WM, BQ>::col(lc, i)]);
-    mma_ab<BQ>(dk, dst, sQ, LD, lc);
   }
+  mfa_async_commit();
+  if (w < 0) continue;
+  mfa_async_wait<STAGES - 1>();
+  mfa_barrier();
+  const int q0 = (qt_begin + w % nq) * BQ;
+  MFA_TG const unsigned char* stage = sStages + (w % STAGES) * QSTAGE;
+  MFA_TG const T* sQ = reinterpret_cast<MFA_TG const T*>(stage);
+  MFA_TG const T* sdO = sQ + BQ * LD;
+  MFA_TG const float* sLse = reinterpret_cast<MFA_TG const float*>(sQ + 2 * BQ * LD);
+  MFA_TG const float* sDelta = sLse + BQ;
+
+  // Pᵀ = exp2(k·qᵀ·scale·log2(e) − lse), zero where masked
+  Acc<WM, BQ> pt;
+  pt.zero();
+  mma_abt<D>(pt, sKw, LD, sQ, LD, lc);
+  const bool edge = q0 + BQ > NQ || k0 + BK > NK || (causal && k0 + BK - 1 > q0 + offset);
+  MFA_UNROLL
+  for (int i = 0; i < Acc<WM, BQ>::SIZE; ++i) {
+    const int c = Acc<WM, BQ>::col(lc, i);
+    const int j = key0 + Acc<WM, BQ>::row(lc, i);
+    const int r = q0 + c;
+    const bool keep = !edge || (r < NQ && j < NK && !(causal && j > r + offset));
+    pt.v[i] = keep ? mfa_exp2f(pt.v[i] * scale_log2 - sLse[c]) : 0.0f;
+  }
+
+  // dv += Pᵀ·dout
+  mma_ab<BQ>(dv, pt, sdO, LD, lc);
+
+  // dPᵀ = v·doutᵀ, dSᵀ = Pᵀ ∘ (dPᵀ − delta), dk += dSᵀ·q
+  Acc<WM, BQ> dst;
+  dst.zero();
+  mma_abt<D>(dst, sVw, LD, sdO, LD, lc);
+  MFA_UNROLL
+  for (int i = 0; i < Acc<WM, BQ>::SIZE; ++i)
+    dst.v[i] = pt.v[i] * (dst.v[i] - sDelta[Acc<WM, BQ>::col(lc, i)]);
+  mma_ab<BQ>(dk, dst, sQ, LD, lc);
+  mfa_barrier();  // this stage's buffers may now be refilled
 }
 mfa_async_wait<0>();
 

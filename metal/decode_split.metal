@@ -92,17 +92,22 @@ for (int base = lo; base < hi; base += RG * U) {
     const int j = base + u * RG + grp;
     jj[u] = j;
     ok[u] = j < hi;
-    long off = 0;
+    // invalid rows read a valid one (row lo, page 0) and are zeroed: loads need no branch
+    long off;
     if (PAGE > 0) {
-      const int page = ok[u] ? table[long(b) * TABLE_W + j / (PAGE > 0 ? PAGE : 1)] : -1;
+      const int page = table[long(b) * TABLE_W + (ok[u] ? j : lo) / (PAGE > 0 ? PAGE : 1)];
       ok[u] = ok[u] && page >= 0 && page < NUM_PAGES;
-      off = long(ok[u] ? page : 0) * s_outer + long(j % (PAGE > 0 ? PAGE : 1)) * s_row;
+      off = long(ok[u] ? page : 0) * s_outer + long((ok[u] ? j : 0) % (PAGE > 0 ? PAGE : 1)) * s_row;
     } else {
-      off = long(b) * s_outer + long(j) * s_row;
+      off = long(b) * s_outer + long(ok[u] ? j : lo) * s_row;
     }
     off += long(kvh) * s_head + lane * VEC;
-    kw[u] = ok[u] ? decode_load16(k + off) : decode_zero_word();
-    vw[u] = ok[u] ? decode_load16(v + off) : decode_zero_word();
+    kw[u] = decode_load16(k + off);
+    vw[u] = decode_load16(v + off);
+    if (!ok[u]) {
+      kw[u] = decode_zero_word();
+      vw[u] = decode_zero_word();
+    }
   }
 
   // scores: partial dot products of this lane's D-slice, summed over the lane group
@@ -128,7 +133,9 @@ for (int base = lo; base < hi; base += RG * U) {
     }
   }
 
-  // softcap, ALiBi, masks (log2 units from here on)
+  // softcap, ALiBi, masks (log2 units from here on); a step every row sees whole skips the position tests
+  const bool full = base + RG * U <= hi && (WR < 0 || base + RG * U - 1 <= n - NQ + WR) &&
+                    (WL < 0 || base >= n - 1 - WL);
   MFA_UNROLL
   for (int u = 0; u < U; ++u) {
     MFA_UNROLL
@@ -137,7 +144,7 @@ for (int base = lo; base < hi; base += RG * U) {
       if (SOFTCAP) x = cap * LOG2E * decode_tanh(x / cap);
       const int d = qpos[r] - jj[u];
       if (ALIBI) x -= slope[r] * float(d < 0 ? -d : d);
-      const bool keep = ok[u] && row_ok[r] && (WR < 0 || -d <= WR) && (WL < 0 || d <= WL);
+      const bool keep = ok[u] && (full || (row_ok[r] && (WR < 0 || -d <= WR) && (WL < 0 || d <= WL)));
       sc[u][r] = keep ? x : -MFA_INF;
     }
   }

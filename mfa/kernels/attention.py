@@ -9,6 +9,7 @@ binds every buffer in the device address space.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 from typing import Optional, Tuple
@@ -38,12 +39,19 @@ def _pad_head(x: mx.array, d: int) -> mx.array:
     return x if extra == 0 else mx.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, extra)])
 
 
+@functools.lru_cache(maxsize=256)
 def _params(H: int, Hkv: int, Nq: int, Nk: int, causal: bool) -> mx.array:
-    return mx.array([H, Hkv, Nq, Nk, int(causal), 0, 0, 0], dtype=mx.int32)
+    """Runtime sizes of a call (made once per shape: a fresh array costs a host-to-device copy)."""
+    p = mx.array([H, Hkv, Nq, Nk, int(causal), 0, 0, 0], dtype=mx.int32)
+    mx.eval(p)
+    return p
 
 
+@functools.lru_cache(maxsize=256)
 def _fparams(scale: float) -> mx.array:
-    return mx.array([scale * LOG2E, scale, 0, 0, 0, 0, 0, 0], dtype=mx.float32)
+    p = mx.array([scale * LOG2E, scale, 0, 0, 0, 0, 0, 0], dtype=mx.float32)
+    mx.eval(p)
+    return p
 
 
 def block_sizes(target: str, head_dim: int, dtype: mx.Dtype) -> BlockSizes:
@@ -64,10 +72,8 @@ def block_sizes(target: str, head_dim: int, dtype: mx.Dtype) -> BlockSizes:
 
 def _template(name: str, tiles: Tiles, dtype: mx.Dtype, d: int):
     """Template values of an attention kernel: T, D, BQ, BK, NW, (STAGES), SMEM."""
-    template = [("T", dtype), ("D", d), ("BQ", tiles.block_q), ("BK", tiles.block_k), ("NW", tiles.warps)]
-    if name != "attention_bwd_dkdv":
-        template.append(("STAGES", tiles.stages))
-    return template + [("SMEM", shared_bytes(name, tiles, d, dtype.size))]
+    return [("T", dtype), ("D", d), ("BQ", tiles.block_q), ("BK", tiles.block_k), ("NW", tiles.warps),
+            ("STAGES", tiles.stages), ("SMEM", shared_bytes(name, tiles, d, dtype.size))]
 
 
 def _launch(target: str, name: str, template, threads: int, inputs, outputs, groups: Tuple[int, int, int]):

@@ -49,9 +49,9 @@ def shared_bytes(kernel: str, t: Tiles, d: int, itemsize: int) -> int:
     rows = {
         "attention_fwd": t.block_q + 2 * t.stages * t.block_k,  # Q + stages x (K, V)
         "attention_bwd_dq": 2 * t.block_q + 2 * t.stages * t.block_k,  # Q, dO + stages x (K, V)
-        "attention_bwd_dkdv": 2 * t.block_k + 2 * t.block_q,  # K, V, Q, dO
+        "attention_bwd_dkdv": 2 * t.block_k + 2 * t.stages * t.block_q,  # K, V + stages x (Q, dO)
     }[kernel]
-    extra = 8 * t.block_q if kernel == "attention_bwd_dkdv" else 0  # lse, delta rows (float32)
+    extra = 8 * t.stages * t.block_q if kernel == "attention_bwd_dkdv" else 0  # lse, delta rows (float32)
     return rows * row_stride(d) * itemsize + extra
 
 
@@ -71,10 +71,12 @@ class BlockSizes:
         and dtype.  CUDA: 16-row mma fragments, one warp per 16 rows, up to 227 KB shared.
         """
         if arch == "cuda":
+            # measured on an H100 (benchmarks/cuda_check.py --tune): 4 warps of 32 query rows
+            # beat 8 warps of 16 in the forward; 16-row warps elsewhere (register budget)
             options = {
-                "attention_fwd": [Tiles(128, 64, 8, 2)] if head_dim <= 128 else [Tiles(64, 64, 4, 2)],
+                "attention_fwd": [Tiles(128, 64, 4, 2)] if head_dim <= 128 else [Tiles(64, 64, 4, 2)],
                 "attention_bwd_dq": [Tiles(64, 64, 4, 2)],
-                "attention_bwd_dkdv": [Tiles(64, 64, 4)],
+                "attention_bwd_dkdv": [Tiles(64, 64, 4, 2)],
             }
         else:
             fwd = [Tiles(32, 32, 4), Tiles(32, 16, 4), Tiles(16, 16, 2), Tiles(8, 16, 1), Tiles(8, 8, 1)]
