@@ -32,7 +32,7 @@ from mfa.nn import CausalLM, ModelConfig
 
 PRESETS = {
     # a few minutes on a 2-core laptop CPU
-    "cpu": dict(dims=128, layers=2, heads=4, kv_heads=2, mlp_dims=256, seq_len=256, batch_size=4, steps=300,
+    "cpu": dict(dims=128, layers=2, heads=4, kv_heads=2, mlp_dims=256, seq_len=256, batch_size=4, steps=150,
                 lr=3e-3, warmup=30, eval_every=50, eval_rows=16, dtype="float32"),
     # the GPU comparison: 8 layers, 512 dims, 2048-token rows
     "gpu": dict(dims=512, layers=8, heads=8, kv_heads=8, mlp_dims=1536, seq_len=2048, batch_size=8, steps=200,
