@@ -23,6 +23,8 @@ from tqdm import tqdm
 
 from corpus import EOS, Batch, PackedRows, decode, step_rows
 
+from mfa.serving import KVCache
+
 
 def loss_fn(model: nn.Module, batch: Batch) -> mx.array:
     """Mean next-token cross-entropy over every packed position."""
@@ -124,15 +126,14 @@ def train(
         tic = time.perf_counter()
         loss, grad_norm = step(train_rows.batch(step_rows(s, batch_size, rank, world)))
         mx.eval(loss, grad_norm, model.parameters(), optimizer.state)
-        loss, seconds = loss.item(), time.perf_counter() - tic
+        loss, seconds, done = loss.item(), time.perf_counter() - tic, s + 1
         if step_times is not None:
             step_times.append(seconds)
         if not math.isfinite(loss):
-            raise FloatingPointError(f"loss became {loss} at step {s}")
-        history["train"].append((s + 1, loss))
+            raise FloatingPointError(f"loss became {loss} at step {done}")
+        history["train"].append((done, loss))
         bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_step / seconds:,.0f}",
                         lr=f"{optimizer.learning_rate.item():.2e}")
-        done = s + 1
         if done % eval_every == 0 or done == steps:
             run_eval(done)
         if checkpoint is not None and rank == 0 and (done == steps or checkpoint_every and done % checkpoint_every == 0):
@@ -146,8 +147,6 @@ def generate(model: nn.Module, prompt: str, max_tokens: int, temperature: float 
 
     Stops at EOS or after ``max_tokens`` bytes; ``temperature=0`` is greedy.
     """
-    from mfa.serving import KVCache
-
     cache = [KVCache() for _ in model.layers]
     key = mx.random.key(seed)
     tokens = mx.array([[EOS] + list(prompt.encode("utf-8"))])
