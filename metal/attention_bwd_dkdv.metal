@@ -1,11 +1,12 @@
 // attention_bwd_dkdv: dk = scale · dSᵀ·q and dv = Pᵀ·dout (FlashAttention-2 backward, the
-// key-side half), summed over the query heads that share each key/value head (GQA).
+// key-side half), summed over the query heads that share each key/value head (GQA); dS as in
+// attention_bwd_dq.metal, over the kept band only.
 //
 // Kernel body only (see attention_fwd.metal).  One threadgroup per (key tile, key/value head,
 // batch); it walks the query tiles of every query head of its group and recomputes, transposed,
 // Pᵀ = exp(scale·k·qᵀ − lse) and dPᵀ = v·doutᵀ, so each warp owns BK/NW key rows of dk and dv.
 //   inputs:   q, dout (B, H, NQ, D), k, v (B, HKV, NK, D) in T, lse, delta (B, H, NQ) float32,
-//             params int32 [H, HKV, NQ, NK, CAUSAL], fparams float32 [scale·log2(e), scale]
+//             params int32 [H, HKV, NQ, NK, LEFT, RIGHT], fparams float32 (see band.h: Scores)
 //   outputs:  dk, dv (B, HKV, NK, D) in T
 //   template: T, D, BQ, BK, NW, STAGES (query tiles in flight), SMEM
 //   grid (ceil(NK/BK)·32·NW, HKV, B), threadgroup (32·NW, 1, 1)
@@ -25,10 +26,11 @@ const int warp = tid / 32;
 const LaneCoord lc = lane_coord(tid % 32);
 
 const int H = params[0], HKV = params[1], NQ = params[2], NK = params[3];
-const bool causal = params[4] != 0;
-const float scale_log2 = fparams[0], scale = fparams[1];
-const int offset = NK - NQ;
+const Band band = Band::from(NQ, NK, params[4], params[5]);
+const Scores sc = Scores::from(fparams[0], fparams[2], fparams[3]);
+const float scale = fparams[1];
 const int k0 = kt * BK;
+const int k1 = k0 + BK < NK ? k0 + BK : NK;
 const int group = H / HKV;
 
 MFA_SHARED(smem, SMEM);
@@ -41,12 +43,12 @@ copy_tile_async<BK, D, NT>(sK, LD, k + kv_base * D, D, NK - k0, tid);
 copy_tile_async<BK, D, NT>(sV, LD, v + kv_base * D, D, NK - k0, tid);
 mfa_async_commit();
 
-// Query tiles that see any key of this tile (causal: rows i with i + offset >= k0), for every
-// query head of the group: work item w is (head g = w / nq, query tile qt_begin + w % nq).
-const int q_first = causal ? (k0 - offset > 0 ? k0 - offset : 0) : 0;
-const int qt_begin = q_first / BQ;
-const int nq = (NQ + BQ - 1) / BQ - qt_begin;
-const int nwork = nq > 0 ? group * nq : 0;
+// Query tiles that see any key of this tile, for every query head of the group: work item w
+// is (head g = w / nq, query tile qt_begin + w % nq).
+const int q_lo = band.query_lo(k0), q_hi = band.query_hi(k1);
+const int qt_begin = q_lo / BQ;
+const int nq = q_hi > q_lo ? (q_hi + BQ - 1) / BQ - qt_begin : 0;
+const int nwork = group * nq;
 
 Acc<WM, D> dk, dv;
 dk.zero();
@@ -83,30 +85,26 @@ for (int w = 1 - STAGES; w < nwork; ++w) {
   MFA_TG const float* sLse = reinterpret_cast<MFA_TG const float*>(sQ + 2 * BQ * LD);
   MFA_TG const float* sDelta = sLse + BQ;
 
-  // Pᵀ = exp2(k·qᵀ·scale·log2(e) − lse), zero where masked
-  Acc<WM, BQ> pt;
+  // dPᵀ = v·doutᵀ and the scores k·qᵀ (transposed: this warp's rows are keys)
+  Acc<WM, BQ> pt, dst;
+  dst.zero();
+  mma_abt<D>(dst, sVw, LD, sdO, LD, lc);
   pt.zero();
   mma_abt<D>(pt, sKw, LD, sQ, LD, lc);
-  const bool edge = q0 + BQ > NQ || k0 + BK > NK || (causal && k0 + BK - 1 > q0 + offset);
+
+  // Pᵀ = exp2(s − lse) (zero outside the band), dSᵀ = Pᵀ ∘ (dPᵀ − delta) · d(softcap)
+  const bool inside = band.inside(q0, q0 + BQ, k0, k0 + BK);
   MFA_UNROLL
   for (int i = 0; i < Acc<WM, BQ>::SIZE; ++i) {
     const int c = Acc<WM, BQ>::col(lc, i);
-    const int j = key0 + Acc<WM, BQ>::row(lc, i);
-    const int r = q0 + c;
-    const bool keep = !edge || (r < NQ && j < NK && !(causal && j > r + offset));
-    pt.v[i] = keep ? mfa_exp2f(pt.v[i] * scale_log2 - sLse[c]) : 0.0f;
+    const bool keep = inside || band.keep(q0 + c, key0 + Acc<WM, BQ>::row(lc, i));
+    const float p = keep ? mfa_exp2f(sc.log2_score(pt.v[i]) - sLse[c]) : 0.0f;
+    dst.v[i] = p * (dst.v[i] - sDelta[c]) * sc.cap_grad(pt.v[i]);
+    pt.v[i] = p;
   }
 
-  // dv += Pᵀ·dout
+  // dv += Pᵀ·dout, dk += dSᵀ·q
   mma_ab<BQ>(dv, pt, sdO, LD, lc);
-
-  // dPᵀ = v·doutᵀ, dSᵀ = Pᵀ ∘ (dPᵀ − delta), dk += dSᵀ·q
-  Acc<WM, BQ> dst;
-  dst.zero();
-  mma_abt<D>(dst, sVw, LD, sdO, LD, lc);
-  MFA_UNROLL
-  for (int i = 0; i < Acc<WM, BQ>::SIZE; ++i)
-    dst.v[i] = pt.v[i] * (dst.v[i] - sDelta[Acc<WM, BQ>::col(lc, i)]);
   mma_ab<BQ>(dk, dst, sQ, LD, lc);
   mfa_barrier();  // this stage's buffers may now be refilled
 }

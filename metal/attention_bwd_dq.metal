@@ -1,10 +1,10 @@
-// attention_bwd_dq: dq = scale · dS·k with dS = P ∘ (dP − delta), P = exp(scale·q·kᵀ − lse),
-// dP = dout·vᵀ (FlashAttention-2 backward, the query-side half).
+// attention_bwd_dq: dq = scale · dS·k with dS = P ∘ (dP − delta) (times 1 − tanh² under
+// softcap), P = exp(s − lse), dP = dout·vᵀ (FlashAttention-2 backward, the query-side half).
 //
 // Kernel body only (see attention_fwd.metal).  One threadgroup per (query tile, head, batch);
-// it recomputes P from lse tile by tile, so nothing of size NQ x NK is stored.
+// it recomputes P from lse over the key tiles of its band, so nothing of size NQ x NK is stored.
 //   inputs:   q, dout (B, H, NQ, D), k, v (B, HKV, NK, D) in T, lse, delta (B, H, NQ) float32,
-//             params int32 [H, HKV, NQ, NK, CAUSAL], fparams float32 [scale·log2(e), scale]
+//             params int32 [H, HKV, NQ, NK, LEFT, RIGHT], fparams float32 (see band.h: Scores)
 //   outputs:  dq (B, H, NQ, D) in T
 //   template: T, D, BQ, BK, NW, STAGES, SMEM
 //   grid (ceil(NQ/BQ)·32·NW, H, B), threadgroup (32·NW, 1, 1)
@@ -22,13 +22,14 @@ const int warp = tid / 32;
 const LaneCoord lc = lane_coord(tid % 32);
 
 const int H = params[0], HKV = params[1], NQ = params[2], NK = params[3];
-const bool causal = params[4] != 0;
-// causal: the longest query tiles (the last ones) start first, for load balance
+const Band band = Band::from(NQ, NK, params[4], params[5]);
+const Scores sc = Scores::from(fparams[0], fparams[2], fparams[3]);
+const float scale = fparams[1];
 const int nqt = (NQ + BQ - 1) / BQ;
-const int qt = causal ? nqt - 1 - int(threadgroup_position_in_grid.x) : int(threadgroup_position_in_grid.x);
-const float scale_log2 = fparams[0], scale = fparams[1];
-const int offset = NK - NQ;
+const int qt = band.right < kUnbounded ? nqt - 1 - int(threadgroup_position_in_grid.x)
+                                       : int(threadgroup_position_in_grid.x);
 const int q0 = qt * BQ;
+const int q1 = q0 + BQ < NQ ? q0 + BQ : NQ;
 const int hk = h / (H / HKV);
 
 MFA_SHARED(smem, SMEM);
@@ -39,8 +40,9 @@ MFA_DEV const T* Kg = k + long(b * HKV + hk) * NK * D;
 MFA_DEV const T* Vg = v + long(b * HKV + hk) * NK * D;
 const long row_base = long(b * H + h) * NQ + q0;
 
-const int kv_end = causal ? (NK < q0 + BQ + offset ? NK : q0 + BQ + offset) : NK;
-const int ntiles = kv_end > 0 ? (kv_end + BK - 1) / BK : 0;
+const int kv_lo = band.key_lo(q0), kv_hi = band.key_hi(q1);
+const int t_first = kv_lo / BK;
+const int ntiles = kv_hi > kv_lo ? (kv_hi + BK - 1) / BK - t_first : 0;
 
 copy_tile_async<BQ, D, NT>(sQ, LD, q + row_base * D, D, NQ - q0, tid);
 copy_tile_async<BQ, D, NT>(sdO, LD, dout + row_base * D, D, NQ - q0, tid);
@@ -61,9 +63,10 @@ MFA_TG const T* sdOw = sdO + warp * WM * LD;
 for (int t = 1 - STAGES; t < ntiles; ++t) {
   const int tn = t + STAGES - 1;
   if (tn < ntiles) {
+    const int kn = (t_first + tn) * BK;
     MFA_TG T* dst = sKV + (tn % STAGES) * 2 * BK * LD;
-    copy_tile_async<BK, D, NT>(dst, LD, Kg + long(tn * BK) * D, D, NK - tn * BK, tid);
-    copy_tile_async<BK, D, NT>(dst + BK * LD, LD, Vg + long(tn * BK) * D, D, NK - tn * BK, tid);
+    copy_tile_async<BK, D, NT>(dst, LD, Kg + long(kn) * D, D, NK - kn, tid);
+    copy_tile_async<BK, D, NT>(dst + BK * LD, LD, Vg + long(kn) * D, D, NK - kn, tid);
   }
   mfa_async_commit();
   if (t < 0) continue;
@@ -71,28 +74,24 @@ for (int t = 1 - STAGES; t < ntiles; ++t) {
   mfa_barrier();
   MFA_TG const T* sK = sKV + (t % STAGES) * 2 * BK * LD;
   MFA_TG const T* sV = sK + BK * LD;
-  const int k0 = t * BK;
+  const int k0 = (t_first + t) * BK;
 
-  // P = exp2(s·log2(e) − lse) recomputed from the scores, zero where masked
-  Acc<WM, BK> p;
-  p.zero();
-  mma_abt<D>(p, sQw, LD, sK, LD, lc);
-  const bool edge = k0 + BK > NK || (causal && k0 + BK - 1 > q0 + offset);
-  MFA_UNROLL
-  for (int i = 0; i < Acc<WM, BK>::SIZE; ++i) {
-    const int j = k0 + Acc<WM, BK>::col(lc, i);
-    const int r = row0 + Acc<WM, BK>::row(lc, i);
-    const bool keep = !edge || (j < NK && !(causal && j > r + offset));
-    p.v[i] = keep ? mfa_exp2f(p.v[i] * scale_log2 - lse_rows.v[Acc<WM, BK>::slot(i)]) : 0.0f;
-  }
-
-  // dP = dout·vᵀ, then dS = P ∘ (dP − delta)
-  Acc<WM, BK> ds;
+  // dP = dout·vᵀ and the scores q·kᵀ
+  Acc<WM, BK> ds, s;
   ds.zero();
   mma_abt<D>(ds, sdOw, LD, sV, LD, lc);
+  s.zero();
+  mma_abt<D>(s, sQw, LD, sK, LD, lc);
+
+  // P = exp2(s − lse) (zero outside the band), dS = P ∘ (dP − delta) · d(softcap)
+  const bool inside = band.inside(q0, q1, k0, k0 + BK);
   MFA_UNROLL
-  for (int i = 0; i < Acc<WM, BK>::SIZE; ++i)
-    ds.v[i] = p.v[i] * (ds.v[i] - delta_rows.v[Acc<WM, BK>::slot(i)]);
+  for (int i = 0; i < Acc<WM, BK>::SIZE; ++i) {
+    const int slot = Acc<WM, BK>::slot(i);
+    const bool keep = inside || band.keep(row0 + Acc<WM, BK>::row(lc, i), k0 + Acc<WM, BK>::col(lc, i));
+    const float p = keep ? mfa_exp2f(sc.log2_score(s.v[i]) - lse_rows.v[slot]) : 0.0f;
+    ds.v[i] = p * (ds.v[i] - delta_rows.v[slot]) * sc.cap_grad(s.v[i]);
+  }
 
   // dq += dS·k
   mma_ab<BK>(dq, ds, sK, LD, lc);

@@ -3,7 +3,7 @@
 // Kernel body only (see attention_fwd.metal).  With P = exp(S − lse), the gradient of the
 // scores is dS = P ∘ (dP − delta); dlse, the cotangent of lse, enters as dS += P ∘ dlse, so it
 // is folded into delta here.  Each warp reduces one row at a time across its lanes.
-//   inputs:   out, dout (B, H, NQ, D) in T, dlse (B, H, NQ) float32, params int32 [H, HKV, NQ, NK, CAUSAL]
+//   inputs:   out, dout (B, H, NQ, D) in T, dlse (B, H, NQ) float32, params int32 [H, HKV, NQ, NK, ...]
 //   outputs:  delta (B, H, NQ) float32
 //   template: T, D, NW, ROWS (rows per threadgroup, a multiple of NW)
 //   grid (ceil(NQ/ROWS)·32·NW, H, B), threadgroup (32·NW, 1, 1)

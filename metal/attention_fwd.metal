@@ -1,14 +1,15 @@
-// attention_fwd: out = softmax(scale·q·kᵀ)·v and lse = logsumexp(scale·q·kᵀ) (FlashAttention-2).
+// attention_fwd: out = softmax(s)·v and lse = logsumexp(s), s = scale·q·kᵀ (optionally
+// softcapped), over the kept band of keys (FlashAttention-2 forward).
 //
 // Kernel body only (the `source` of mx.fast.metal_kernel / cuda_kernel); the dialect and the
-// tile API come from the header: a prelude, a fragment family and metal/tile.h.
-// One threadgroup per (query tile, head, batch); NW warps, each owning BQ/NW query rows.
+// tile API come from the header: a prelude, a fragment family, metal/tile.h and metal/band.h.
+// One threadgroup per (query tile, head, batch); NW warps, each owning BQ/NW query rows; the
+// loop visits only the key/value tiles that intersect the band of its query tile.
 //   inputs:   q (B, H, NQ, D), k (B, HKV, NK, D), v (B, HKV, NK, D) in T,
-//             params int32 [H, HKV, NQ, NK, CAUSAL], fparams float32 [scale·log2(e)]
+//             params int32 [H, HKV, NQ, NK, LEFT, RIGHT], fparams float32 (see band.h: Scores)
 //   outputs:  out (B, H, NQ, D) in T, lse (B, H, NQ) float32 (natural log; -inf on empty rows)
 //   template: T, D, BQ, BK, NW, STAGES (key/value tiles in flight), SMEM (shared bytes)
 //   grid (ceil(NQ/BQ)·32·NW, H, B), threadgroup (32·NW, 1, 1)
-// Causal is bottom-right aligned: query row i sees keys j <= i + NK - NQ.
 using namespace mfa;
 constexpr int NT = 32 * NW;
 constexpr int WM = BQ / NW;  // query rows per warp
@@ -23,13 +24,14 @@ const int warp = tid / 32;
 const LaneCoord lc = lane_coord(tid % 32);
 
 const int H = params[0], HKV = params[1], NQ = params[2], NK = params[3];
-const bool causal = params[4] != 0;
-// causal: the longest query tiles (the last ones) start first, for load balance
+const Band band = Band::from(NQ, NK, params[4], params[5]);
+const Scores sc = Scores::from(fparams[0], fparams[2], fparams[3]);
+// causal-like bands: the longest query tiles (the last ones) start first, for load balance
 const int nqt = (NQ + BQ - 1) / BQ;
-const int qt = causal ? nqt - 1 - int(threadgroup_position_in_grid.x) : int(threadgroup_position_in_grid.x);
-const float scale_log2 = fparams[0];
-const int offset = NK - NQ;
+const int qt = band.right < kUnbounded ? nqt - 1 - int(threadgroup_position_in_grid.x)
+                                       : int(threadgroup_position_in_grid.x);
 const int q0 = qt * BQ;
+const int q1 = q0 + BQ < NQ ? q0 + BQ : NQ;
 const int hk = h / (H / HKV);  // GQA: the key/value head shared by this query head
 
 MFA_SHARED(smem, SMEM);
@@ -38,9 +40,10 @@ MFA_TG T* sKV = sQ + BQ * LD;  // STAGES x (K tile, V tile)
 MFA_DEV const T* Kg = k + long(b * HKV + hk) * NK * D;
 MFA_DEV const T* Vg = v + long(b * HKV + hk) * NK * D;
 
-// Key tiles this query tile can see (causal: up to the diagonal of its last row).
-const int kv_end = causal ? (NK < q0 + BQ + offset ? NK : q0 + BQ + offset) : NK;
-const int ntiles = kv_end > 0 ? (kv_end + BK - 1) / BK : 0;
+// Key tiles that intersect the band of this query tile.
+const int kv_lo = band.key_lo(q0), kv_hi = band.key_hi(q1);
+const int t_first = kv_lo / BK;
+const int ntiles = kv_hi > kv_lo ? (kv_hi + BK - 1) / BK - t_first : 0;
 
 copy_tile_async<BQ, D, NT>(sQ, LD, q + (long(b * H + h) * NQ + q0) * D, D, NQ - q0, tid);
 mfa_async_commit();
@@ -60,9 +63,10 @@ const int row0 = q0 + warp * WM;
 for (int t = 1 - STAGES; t < ntiles; ++t) {
   const int tn = t + STAGES - 1;
   if (tn < ntiles) {
+    const int kn = (t_first + tn) * BK;
     MFA_TG T* dst = sKV + (tn % STAGES) * 2 * BK * LD;
-    copy_tile_async<BK, D, NT>(dst, LD, Kg + long(tn * BK) * D, D, NK - tn * BK, tid);
-    copy_tile_async<BK, D, NT>(dst + BK * LD, LD, Vg + long(tn * BK) * D, D, NK - tn * BK, tid);
+    copy_tile_async<BK, D, NT>(dst, LD, Kg + long(kn) * D, D, NK - kn, tid);
+    copy_tile_async<BK, D, NT>(dst + BK * LD, LD, Vg + long(kn) * D, D, NK - kn, tid);
   }
   mfa_async_commit();
   if (t < 0) continue;
@@ -70,23 +74,17 @@ for (int t = 1 - STAGES; t < ntiles; ++t) {
   mfa_barrier();
   MFA_TG const T* sK = sKV + (t % STAGES) * 2 * BK * LD;
   MFA_TG const T* sV = sK + BK * LD;
-  const int k0 = t * BK;
+  const int k0 = (t_first + t) * BK;
 
-  // scores s = q·kᵀ, in log2 units
+  // scores s = q·kᵀ in log2 units, -inf outside the band (per element only on edge tiles)
   Acc<WM, BK> s;
   s.zero();
   mma_abt<D>(s, sQw, LD, sK, LD, lc);
+  const bool inside = band.inside(q0, q1, k0, k0 + BK);
   MFA_UNROLL
-  for (int i = 0; i < Acc<WM, BK>::SIZE; ++i) s.v[i] *= scale_log2;
-
-  // mask keys past NK and, when causal, right of the diagonal (only edge tiles have any)
-  if (k0 + BK > NK || (causal && k0 + BK - 1 > q0 + offset)) {
-    MFA_UNROLL
-    for (int i = 0; i < Acc<WM, BK>::SIZE; ++i) {
-      const int j = k0 + Acc<WM, BK>::col(lc, i);
-      const int r = row0 + Acc<WM, BK>::row(lc, i);
-      if (j >= NK || (causal && j > r + offset)) s.v[i] = -MFA_INF;
-    }
+  for (int i = 0; i < Acc<WM, BK>::SIZE; ++i) {
+    const bool keep = inside || band.keep(row0 + Acc<WM, BK>::row(lc, i), k0 + Acc<WM, BK>::col(lc, i));
+    s.v[i] = keep ? sc.log2_score(s.v[i]) : -MFA_INF;
   }
 
   // online softmax: new running max, rescale factor of the previous tiles

@@ -44,6 +44,7 @@ MFA_FUNC float mfa_shfl_xor(float v, int mask) {
 MFA_FUNC float mfa_exp2f(float x) { return std::exp2(x); }
 MFA_FUNC float mfa_log2f(float x) { return std::log2(x); }
 MFA_FUNC float mfa_fmaxf(float a, float b) { return std::fmax(a, b); }
+MFA_FUNC float mfa_tanhf(float x) { return std::tanh(x); }
 
 // Copy 16 bytes from device to threadgroup memory (zeros when !valid), asynchronously.
 MFA_FUNC void mfa_copy16(MFA_TG void* dst, MFA_DEV const void* src, bool valid) {

@@ -26,6 +26,7 @@ MFA_FUNC float mfa_exp2f(float x) {
 }
 MFA_FUNC float mfa_log2f(float x) { return log2f(x); }
 MFA_FUNC float mfa_fmaxf(float a, float b) { return fmaxf(a, b); }
+MFA_FUNC float mfa_tanhf(float x) { return tanhf(x); }
 
 MFA_FUNC unsigned mfa_smem_addr(const void* p) {
   return static_cast<unsigned>(__cvta_generic_to_shared(p));

@@ -21,6 +21,7 @@ MFA_FUNC float mfa_shfl_xor(float v, int mask) { return simd_shuffle_xor(v, usho
 MFA_FUNC float mfa_exp2f(float x) { return metal::exp2(x); }
 MFA_FUNC float mfa_log2f(float x) { return metal::log2(x); }
 MFA_FUNC float mfa_fmaxf(float a, float b) { return metal::max(a, b); }
+MFA_FUNC float mfa_tanhf(float x) { return metal::precise::tanh(x); }
 
 // Copy 16 bytes from device to threadgroup memory (zeros when !valid).  Metal has no
 // asynchronous copy here: the copy is immediate and commit/wait do nothing.

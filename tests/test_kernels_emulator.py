@@ -28,7 +28,7 @@ def default_dtype(arch):
     return mx.float32 if arch == "metal" else mx.bfloat16  # the CUDA family has no fp32 operands
 
 
-def run(q, k, v, causal, scale=None, seed=3, target="emulator"):
+def run(q, k, v, causal, scale=None, seed=3, target="emulator", window=None, softcap=None):
     """out, lse, dq, dk, dv of the kernels, and of the oracle (fp32 and naive low precision)."""
     D = q.shape[-1]
     scale = D**-0.5 if scale is None else scale
@@ -36,7 +36,7 @@ def run(q, k, v, causal, scale=None, seed=3, target="emulator"):
     dout = mx.random.normal(q.shape, key=k1)
     dlse = mx.random.normal(q.shape[:3], key=k2) * 0.5
 
-    spec = AttentionSpec(scale=scale, causal=causal)
+    spec = AttentionSpec(scale=scale, causal=causal, window=window, softcap=softcap)
     inputs = AttentionInputs(q, k, v)
     assert kernels.unsupported_reason(target, spec, inputs) is None
     out, lse = kernels.forward(target, spec, inputs)
@@ -46,7 +46,8 @@ def run(q, k, v, causal, scale=None, seed=3, target="emulator"):
 
     def oracle(upcast, arrays):
         def f(q, k, v):
-            return attention_reference(q, k, v, scale=scale, causal=causal, upcast=upcast)
+            return attention_reference(q, k, v, scale=scale, causal=causal, window=window, softcap=softcap,
+                                       upcast=upcast)
 
         (o, l), (dq, dk, dv) = mx.vjp(f, arrays, [dout.astype(arrays[0].dtype), mx.where(finite, dlse, 0.0)])
         return {"out": o, "lse": l, "dq": dq, "dk": dk, "dv": dv}
@@ -103,6 +104,21 @@ def test_gqa_without_repeating_kv(arch, H, Hkv):
     check(q, k, v, causal=True, scale=0.3)
 
 
+@pytest.mark.parametrize("window", [(0, 0), (5, 3), (20, -1), (-1, 7), (3, 200)])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("Nq,Nk", [(90, 90), (40, 130), (130, 40)])
+def test_sliding_window_visits_only_band_tiles(arch, window, causal, Nq, Nk):
+    q, k, v = random_qkv(1, 2, 1, Nq, Nk, 64, dtype=default_dtype(arch), seed=Nq + Nk + window[0])
+    check(q, k, v, causal, window=window)
+
+
+@pytest.mark.parametrize("softcap", [1.5, 30.0])
+@pytest.mark.parametrize("window", [None, (9, 4)])
+def test_softcap(arch, softcap, window):
+    q, k, v = random_qkv(2, 2, 1, 37, 61, 64, dtype=default_dtype(arch), seed=int(softcap))
+    check(q * 2, k * 2, v, causal=True, window=window, softcap=softcap)
+
+
 def test_rows_with_no_key_give_zero_and_minus_inf(arch):
     # causal with Nq > Nk: the first Nq - Nk query rows see no key at all
     q, k, v = random_qkv(1, 2, 2, 40, 9, 64, dtype=default_dtype(arch), seed=5)
@@ -117,8 +133,8 @@ def test_rows_with_no_key_give_zero_and_minus_inf(arch):
 def test_unsupported_calls_are_declined():
     q, k, v = random_qkv(1, 2, 1, 8, 8, 64)
     inputs = AttentionInputs(q, k, v)
-    assert kernels.unsupported_reason("emulator", AttentionSpec(scale=0.1, softcap=5.0), inputs) is not None
-    assert kernels.unsupported_reason("emulator", AttentionSpec(scale=0.1, window=(4, 0)), inputs) is not None
+    assert kernels.unsupported_reason("emulator", AttentionSpec(scale=0.1, has_bias=True), inputs) is not None
+    assert kernels.unsupported_reason("emulator", AttentionSpec(scale=0.1, dropout_p=0.1), inputs) is not None
     q, k, v = random_qkv(1, 2, 1, 8, 8, 64, Dv=32)
     assert "Dv" in kernels.unsupported_reason("emulator", AttentionSpec(scale=0.1), AttentionInputs(q, k, v))
     q, k, v = random_qkv(1, 1, 1, 4, 4, 320)
@@ -126,7 +142,7 @@ def test_unsupported_calls_are_declined():
     q, k, v = random_qkv(8, 8, 8, 1024, 1024, 16)
     assert "small shapes" in kernels.unsupported_reason("emulator", AttentionSpec(scale=0.1), AttentionInputs(q, k, v))
     with pytest.raises(ValueError, match="cannot run"):
-        kernels.forward("emulator", AttentionSpec(scale=0.1, softcap=5.0), AttentionInputs(*random_qkv(1, 1, 1, 4, 4, 64)))
+        kernels.forward("emulator", AttentionSpec(scale=0.1, has_sinks=True), AttentionInputs(*random_qkv(1, 1, 1, 4, 4, 64)))
     with pytest.raises(ValueError, match="target"):
         kernels.is_available("vulkan")
 

@@ -34,3 +34,9 @@ def test_lengths_and_causal(target, causal, Nq, Nk):
 def test_head_dims_and_dtypes(target, D, dtype):
     q, k, v = random_qkv(1, 4, 1, 333, 444, D, dtype=dtype, seed=D)
     check(q, k, v, causal=True, target=target)
+
+
+@pytest.mark.parametrize("window,softcap", [((256, 0), None), ((100, 50), None), (None, 20.0), ((64, 0), 5.0)])
+def test_window_and_softcap(target, window, softcap):
+    q, k, v = random_qkv(2, 4, 2, 700, 900, 64, dtype=mx.bfloat16, seed=17)
+    check(q, k, v, causal=False, window=window, softcap=softcap, target=target)

@@ -119,6 +119,7 @@ using std::exp2;
 using std::log2;
 using std::log;
 using std::exp;
+using std::tanh;
 using std::isinf;
 using std::isnan;
 using std::abs;
@@ -136,6 +137,7 @@ namespace precise {
 using std::exp2;
 using std::log2;
 using std::log;
+using std::tanh;
 }  // namespace precise
 
 }  // namespace metal

@@ -13,6 +13,7 @@ The router calls `is_available`, `unsupported_reason`, `forward` and `backward`.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional, Tuple
 
 import mlx.core as mx
@@ -44,8 +45,8 @@ def unsupported_reason(target: str, spec: AttentionSpec, inputs: AttentionInputs
     The router falls back to the ``tiled`` backend when a reason is returned.
     """
     _check_target(target)
-    if not spec.is_plain:
-        return "native kernels cover dense attention with at most a causal mask"
+    if not dataclasses.replace(spec, causal=False, window=None, softcap=None).is_plain:
+        return "native kernels cover dense attention with causal, window and softcap only"
     q, k, v = inputs.q, inputs.k, inputs.v
     B, H, Nq, D = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
@@ -72,7 +73,7 @@ def forward(target: str, spec: AttentionSpec, inputs: AttentionInputs) -> Tuple[
 
     Args:
         target: one of `TARGETS`.
-        spec: the static options (``spec.is_plain`` calls only; see `unsupported_reason`).
+        spec: the static options (dense, with causal, window, softcap; see `unsupported_reason`).
         inputs: q ``(B, H, Nq, D)``, k, v ``(B, Hkv, Nk, D)``.
 
     Returns:
@@ -82,7 +83,8 @@ def forward(target: str, spec: AttentionSpec, inputs: AttentionInputs) -> Tuple[
     reason = unsupported_reason(target, spec, inputs)
     if reason is not None:
         raise ValueError(f"{target} kernels cannot run this call: {reason}")
-    return attention.forward(target, inputs.q, inputs.k, inputs.v, spec.scale, spec.causal)
+    return attention.forward(target, inputs.q, inputs.k, inputs.v, spec.scale, spec.causal, spec.window,
+                             spec.softcap)
 
 
 def backward(target: str, spec: AttentionSpec, inputs: AttentionInputs, out: mx.array, lse: mx.array,
@@ -104,5 +106,5 @@ def backward(target: str, spec: AttentionSpec, inputs: AttentionInputs, out: mx.
     if reason is not None:
         raise ValueError(f"{target} kernels cannot run this call: {reason}")
     dq, dk, dv = attention.backward(target, inputs.q, inputs.k, inputs.v, out, lse, dout, dlse, spec.scale,
-                                    spec.causal)
+                                    spec.causal, spec.window, spec.softcap)
     return AttentionGrads(dq, dk, dv)

@@ -21,6 +21,7 @@ from mfa.kernels.blocks import BlockSizes, Tiles, padded_head_dim, shared_bytes
 
 LOG2E = math.log2(math.e)
 PREPROCESS_ROWS = 16  # rows per threadgroup of the backward preprocess (4 warps x 4 rows)
+UNBOUNDED = 1 << 30  # band side without a bound (metal/band.h: kUnbounded)
 
 
 def _verbose() -> bool:
@@ -40,18 +41,30 @@ def _pad_head(x: mx.array, d: int) -> mx.array:
 
 
 @functools.lru_cache(maxsize=256)
-def _params(H: int, Hkv: int, Nq: int, Nk: int, causal: bool) -> mx.array:
+def _params(H: int, Hkv: int, Nq: int, Nk: int, left: int, right: int) -> mx.array:
     """Runtime sizes of a call (made once per shape: a fresh array costs a host-to-device copy)."""
-    p = mx.array([H, Hkv, Nq, Nk, int(causal), 0, 0, 0], dtype=mx.int32)
+    p = mx.array([H, Hkv, Nq, Nk, left, right, 0, 0], dtype=mx.int32)
     mx.eval(p)
     return p
 
 
 @functools.lru_cache(maxsize=256)
-def _fparams(scale: float) -> mx.array:
-    p = mx.array([scale * LOG2E, scale, 0, 0, 0, 0, 0, 0], dtype=mx.float32)
+def _fparams(scale: float, softcap: Optional[float]) -> mx.array:
+    """[scale·log2(e), scale, softcap·log2(e), scale/softcap] (zeros without softcap)."""
+    cap = [softcap * LOG2E, scale / softcap] if softcap else [0.0, 0.0]
+    p = mx.array([scale * LOG2E, scale, *cap, 0, 0, 0, 0], dtype=mx.float32)
     mx.eval(p)
     return p
+
+
+def band_bounds(causal: bool, window: Optional[Tuple[int, int]]) -> Tuple[int, int]:
+    """(left, right) of the kept band ``i' - left <= j <= i' + right``; unbounded sides as 2^30."""
+    left, right = window if window is not None else (-1, -1)
+    left = UNBOUNDED if left < 0 else left
+    right = UNBOUNDED if right < 0 else right
+    if causal:
+        right = min(right, 0)
+    return left, right
 
 
 def block_sizes(target: str, head_dim: int, dtype: mx.Dtype) -> BlockSizes:
@@ -86,8 +99,8 @@ def _launch(target: str, name: str, template, threads: int, inputs, outputs, gro
              verbose=_verbose())
 
 
-def forward(target: str, q: mx.array, k: mx.array, v: mx.array, scale: float, causal: bool
-            ) -> Tuple[mx.array, mx.array]:
+def forward(target: str, q: mx.array, k: mx.array, v: mx.array, scale: float, causal: bool = False,
+            window: Optional[Tuple[int, int]] = None, softcap: Optional[float] = None) -> Tuple[mx.array, mx.array]:
     """Dense attention forward on a native target.
 
     Args:
@@ -96,6 +109,8 @@ def forward(target: str, q: mx.array, k: mx.array, v: mx.array, scale: float, ca
         k, v: ``(B, Hkv, Nk, D)`` (``H % Hkv == 0``).
         scale: multiplier of q·kᵀ.
         causal: mask keys j > i + Nk - Nq (bottom-right aligned).
+        window: ``(left, right)``: keep ``i' - left <= j <= i' + right`` (``-1``: unbounded).
+        softcap: scores become ``softcap·tanh(s / softcap)``, or None.
 
     Returns:
         ``(out, lse)``: out ``(B, H, Nq, D)`` in q's dtype, lse ``(B, H, Nq)`` float32 (natural
@@ -109,13 +124,14 @@ def forward(target: str, q: mx.array, k: mx.array, v: mx.array, scale: float, ca
     tiles = block_sizes(target, d, q.dtype).fwd
     q, k, v = (_pad_head(x, d) for x in (q, k, v))
     out, lse = _launch(target, "attention_fwd", _template("attention_fwd", tiles, q.dtype, d), tiles.threads,
-                       [q, k, v, _params(H, Hkv, Nq, Nk, causal), _fparams(scale)],
+                       [q, k, v, _params(H, Hkv, Nq, Nk, *band_bounds(causal, window)), _fparams(scale, softcap)],
                        [((B, H, Nq, d), q.dtype), ((B, H, Nq), mx.float32)], (-(-Nq // tiles.block_q), H, B))
     return (out[..., :D] if d != D else out), lse
 
 
 def backward(target: str, q: mx.array, k: mx.array, v: mx.array, out: mx.array, lse: mx.array,
-             dout: mx.array, dlse: Optional[mx.array], scale: float, causal: bool
+             dout: mx.array, dlse: Optional[mx.array], scale: float, causal: bool = False,
+             window: Optional[Tuple[int, int]] = None, softcap: Optional[float] = None
              ) -> Tuple[mx.array, mx.array, mx.array]:
     """Dense attention backward on a native target (preprocess, dq kernel, dk/dv kernel).
 
@@ -125,7 +141,7 @@ def backward(target: str, q: mx.array, k: mx.array, v: mx.array, out: mx.array, 
         out, lse: the forward's results, ``(B, H, Nq, D)`` and ``(B, H, Nq)``.
         dout: cotangent of out, ``(B, H, Nq, D)``.
         dlse: cotangent of lse, ``(B, H, Nq)`` float32, or None (zero).
-        scale, causal: as in `forward`.
+        scale, causal, window, softcap: as in `forward`.
 
     Returns:
         ``(dq, dk, dv)`` shaped and typed like q, k, v (dk, dv summed over each GQA group).
@@ -138,7 +154,7 @@ def backward(target: str, q: mx.array, k: mx.array, v: mx.array, out: mx.array, 
     blocks = block_sizes(target, d, q.dtype)
     q, k, v, out, dout = (_pad_head(x, d) for x in (q, k, v, out, dout.astype(q.dtype)))
     dlse = mx.zeros((B, H, Nq), mx.float32) if dlse is None else dlse.astype(mx.float32)
-    params, fparams = _params(H, Hkv, Nq, Nk, causal), _fparams(scale)
+    params, fparams = _params(H, Hkv, Nq, Nk, *band_bounds(causal, window)), _fparams(scale, softcap)
     lse = lse.astype(mx.float32)
 
     # delta = rowsum(dout ∘ out) − dlse
