@@ -18,7 +18,8 @@ import mlx.core as mx
 
 @dataclasses.dataclass(frozen=True)
 class Case:
-    """One attention shape: q ``(B, H, N, D)``, k/v ``(B, Hkv, N, D)``."""
+    """One attention shape: q ``(B, H, N, D)``, k/v ``(B, Hkv, N, D)``; ``window``: left size of a
+    sliding window (keys i-window..i, with causal), or 0 for none."""
 
     B: int
     H: int
@@ -26,14 +27,20 @@ class Case:
     N: int
     D: int
     causal: bool
+    window: int = 0
 
     @property
     def label(self) -> str:
         gqa = f"/{self.Hkv}" if self.Hkv != self.H else ""
-        return f"B={self.B} H={self.H}{gqa} N={self.N} D={self.D}{' causal' if self.causal else ''}"
+        win = f" window={self.window}" if self.window else ""
+        return f"B={self.B} H={self.H}{gqa} N={self.N} D={self.D}{' causal' if self.causal else ''}{win}"
 
     def attended_fraction(self) -> float:
         """Share of the N x N (query, key) pairs that attention visits."""
+        if self.window:
+            w = min(self.window, self.N - 1)
+            pairs = (w + 1) * self.N - w * (w + 1) // 2
+            return pairs / (self.N * self.N)
         return (self.N + 1) / (2 * self.N) if self.causal else 1.0
 
     def flops(self, mode: str) -> float:
@@ -42,13 +49,21 @@ class Case:
         return fwd if mode == "fwd" else 3.5 * fwd
 
 
-def naive_attention(q, k, v, scale, causal):
+def window_mask(N: int, window: int) -> mx.array:
+    """Bool keep-mask ``(N, N)`` of a causal sliding window: keys i - window .. i."""
+    i, j = mx.arange(N)[:, None], mx.arange(N)[None, :]
+    return (j <= i) & (j >= i - window)
+
+
+def naive_attention(q, k, v, scale, causal, window=0):
     """Materialized attention in MLX ops: scores in the input dtype, softmax in float32."""
     H, Hkv = q.shape[1], k.shape[1]
     if Hkv != H:
         k, v = mx.repeat(k, H // Hkv, axis=1), mx.repeat(v, H // Hkv, axis=1)
     s = (q @ k.swapaxes(-1, -2)) * scale
-    if causal:
+    if window:
+        s = mx.where(window_mask(q.shape[2], window), s, mx.array(-float("inf"), s.dtype))
+    elif causal:
         Nq, Nk = q.shape[2], k.shape[2]
         keep = mx.arange(Nk)[None, :] <= mx.arange(Nq)[:, None] + (Nk - Nq)
         s = mx.where(keep, s, mx.array(-float("inf"), s.dtype))
@@ -56,18 +71,20 @@ def naive_attention(q, k, v, scale, causal):
     return p @ v
 
 
-def attention_fn(backend: str, causal: bool, scale: float) -> Callable:
-    """``(q, k, v) -> out`` for a benchmark backend name."""
+def attention_fn(backend: str, case: Case, scale: float) -> Callable:
+    """``(q, k, v) -> out`` for a benchmark backend name (SDPA gets a bool mask for windows)."""
+    causal, window = case.causal, case.window
     if backend == "sdpa":
-        return lambda q, k, v: mx.fast.scaled_dot_product_attention(
-            q, k, v, scale=scale, mask="causal" if causal else None)
+        mask = window_mask(case.N, window) if window else ("causal" if causal else None)
+        return lambda q, k, v: mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
     if backend == "naive":
-        return lambda q, k, v: naive_attention(q, k, v, scale, causal)
+        return lambda q, k, v: naive_attention(q, k, v, scale, causal, window)
     if backend.startswith("mfa:"):
         import mfa
 
         name = backend[4:]
-        return lambda q, k, v: mfa.flash_attention(q, k, v, scale=scale, causal=causal, backend=name)
+        win = (window, 0) if window else None
+        return lambda q, k, v: mfa.flash_attention(q, k, v, scale=scale, causal=causal, window=win, backend=name)
     raise ValueError(f"unknown benchmark backend {backend!r}")
 
 
@@ -80,7 +97,7 @@ def step_fn(backend: str, case: Case, mode: str, dtype) -> Callable[[], list]:
     v = mx.random.normal((case.B, case.Hkv, case.N, case.D), key=kv).astype(dtype)
     dout = mx.random.normal(q.shape, key=kd).astype(dtype)
     mx.eval(q, k, v, dout)
-    attn = attention_fn(backend, case.causal, case.D**-0.5)
+    attn = attention_fn(backend, case, case.D**-0.5)
     if mode == "fwd":
         return lambda: [attn(q, k, v)]
     grad = mx.grad(lambda q, k, v: (attn(q, k, v) * dout).astype(mx.float32).sum(), argnums=(0, 1, 2))

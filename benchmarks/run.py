@@ -37,11 +37,16 @@ def native_target() -> str:
 
 
 def suite(name: str) -> List[Case]:
-    """Named shape sets: ``issue4`` (GPU, B·H = 32), ``cpu`` (issue 3), ``quick``."""
+    """Named shape sets: ``issue4`` (GPU, B·H = 32), ``window`` (issue 5), ``final`` (both),
+    ``cpu`` (issue 3), ``quick``."""
     if name == "issue4":
         cases = [Case(2, 16, 16, n, d, c) for d in (64, 128) for n in (2048, 4096, 8192) for c in (True, False)]
         cases += [Case(2, 16, 16, n, d, True) for d in (80, 96, 192, 256) for n in (4096, 8192)]
         return cases
+    if name == "window":  # issue 5: sliding window W=256, causal
+        return [Case(2, 16, 16, 8192, 64, True, window=256)]
+    if name == "final":
+        return suite("issue4") + suite("window")
     if name == "cpu":
         return [Case(1, 8, 8, n, 64, False) for n in (1024, 2048, 4096)]
     if name == "quick":
