@@ -6,11 +6,6 @@ tests/distributed/ring_worker.py once for all its cases, then compares each rank
 """
 
 import json
-import os
-import shutil
-import signal
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -26,6 +21,7 @@ from mfa.distributed.plan import plan
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "distributed"))
 from cases import full_inputs, loss_and_grads  # noqa: E402
+from launch import launch  # noqa: E402
 
 BASE = dict(B=1, H=4, Hkv=2, N=64, D=16, Dv=16, dtype="float32", backend="tiled", seed=0)
 CASES = [
@@ -150,22 +146,6 @@ def test_bad_inputs():
 # -- two processes ---------------------------------------------------------------------------------
 
 
-def _free_ports(count: int) -> int:
-    """A port p with p .. p+count-1 free (mlx.launch's ring backend listens on one port per rank)."""
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        try:
-            for offset in range(1, count):
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", port + offset))
-            return port
-        except OSError:
-            continue
-    raise RuntimeError(f"no {count} consecutive free ports")
-
-
 def _single_process(case, full):
     def attention(q, k, v):
         return mfa.flash_attention(q, k, v, causal=case["causal"], return_lse=True, backend=case["backend"])
@@ -176,19 +156,7 @@ def _single_process(case, full):
 def _launch(world, cases, tmp):
     """Per-rank results of ``cases``, from one ``mlx.launch -n world`` run."""
     (tmp / "cases.json").write_text(json.dumps(cases))
-    launcher = shutil.which("mlx.launch", path=os.path.dirname(sys.executable))
-    assert launcher, "mlx.launch is installed with mlx"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    command = [launcher, "-n", str(world), "--backend", "ring", "--starting-port", str(_free_ports(world)),
-               "--python", sys.executable, str(ROOT / "tests" / "distributed" / "ring_worker.py"),
-               str(tmp / "cases.json"), str(tmp)]
-    # own process group: a hung rank is killed with the launcher, not left behind
-    proc = subprocess.Popen(command, env=env, start_new_session=True)
-    try:
-        assert proc.wait(timeout=240) == 0, f"mlx.launch exited with {proc.returncode}"
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+    launch(world, ROOT / "tests" / "distributed" / "ring_worker.py", [tmp / "cases.json", tmp])
     return [dict(np.load(tmp / f"rank{r}.npz")) for r in range(world)]
 
 

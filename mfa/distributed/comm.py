@@ -12,7 +12,8 @@
   ``sum_scatter`` (or ``all_sum`` where the backend has no ``sum_scatter``).  MLX's NCCL backend
   (CUDA) has no ``send``/``recv``, so this is the transport there.
 
-``"auto"`` picks ``ring`` when the backend can send and receive, else ``all_gather``.
+``"auto"`` picks ``all_gather`` on CUDA GPUs, else ``ring`` when the backend can send and
+receive (a one-value probe), else ``all_gather``.
 
 Message order.  Two ranks must post their sends and receives on a link in the same order, yet
 MLX runs independent parts of a graph in whatever order its scheduler picks, and the graphs of
@@ -140,11 +141,18 @@ def sum_scatter_supported(group) -> bool:
     return _SCATTER[group.size()]
 
 
+def _on_cuda() -> bool:
+    return (mx.default_device().type == mx.DeviceType.gpu and not mx.metal.is_available()
+            and hasattr(mx, "cuda") and mx.cuda.is_available())
+
+
 def resolve(transport: str, group) -> str:
     """``"ring"`` or ``"all_gather"`` for the requested transport (collective when ``"auto"``)."""
     if transport not in TRANSPORTS:
         raise ValueError(f"comm must be one of {TRANSPORTS}, got comm={transport!r}")
     if transport == "auto":
+        if _on_cuda():
+            return "all_gather"  # MLX's NCCL backend has no send/recv (and NCCL collectives are fast)
         return "ring" if p2p_supported(group) else "all_gather"
     return transport
 
