@@ -7,6 +7,8 @@ Public names::
     mfa.scaled_dot_product_attention(q, k, v, ...)    # drop-in for mx.fast's, differentiable mask/sinks
     mfa.BlockMask                                     # block-sparse patterns
     mfa.flash_attn                                    # flash-attention's names, (B, N, H, D) layout
+    mfa.install() / mfa.uninstall() / mfa.installed() # route mx.fast.scaled_dot_product_attention to mfa
+    mfa.nn, mfa.serving                               # layers; KV caches, decode attention, runtime
 """
 
 from mfa import flash_attn
@@ -14,6 +16,8 @@ from mfa.ops.attention import flash_attention
 from mfa.ops.block_mask import BlockMask
 from mfa.ops.sdpa import scaled_dot_product_attention
 from mfa.ops.varlen import flash_attention_varlen
+from mfa.patch import install, installed, is_installed, uninstall
+from mfa import nn, serving  # noqa: E402  (the layers and serving build on the ops above)
 
 __version__ = "0.1.0"
 
@@ -22,5 +26,11 @@ __all__ = [
     "flash_attention",
     "flash_attention_varlen",
     "flash_attn",
+    "install",
+    "nn",
+    "serving",
+    "installed",
+    "is_installed",
     "scaled_dot_product_attention",
+    "uninstall",
 ]

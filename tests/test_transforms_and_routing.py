@@ -110,3 +110,18 @@ def test_sdpa_forward_with_mfa_backward(with_sinks):
     loss = lambda q, k, v: (attention(*arrays(q, k, v)) ** 2).sum()  # noqa: E731
     ref_loss = lambda q, k, v: (attention_reference(q, k, v, scale=0.25, causal=True, sinks=sinks)[0] ** 2).sum()  # noqa: E731
     allclose(mx.grad(loss, argnums=(0, 1, 2))(q, k, v), mx.grad(ref_loss, argnums=(0, 1, 2))(q, k, v), atol=5e-5)
+
+
+def test_compile_grad_through_stacked_varlen_layers():
+    """Two varlen calls sharing cu_seqlens (two layers) under mx.compile(mx.grad(...))."""
+    cu = mx.array([0, 7, 7, 30, 41], dtype=mx.int32)
+    q = mx.random.normal((41, 4, 16))
+    slopes = mx.random.uniform(0.05, 0.3, (4, 4))
+
+    def loss(q, slopes):
+        o = mfa.flash_attention_varlen(q, q, q, cu, cu, causal=True, alibi_slopes=slopes, backend="tiled")
+        o = mfa.flash_attention_varlen(o, o, o, cu, cu, causal=True, alibi_slopes=slopes, backend="tiled")
+        return (o**2).sum()
+
+    grad = mx.grad(loss, argnums=(0, 1))
+    allclose(mx.compile(grad)(q, slopes), grad(q, slopes), atol=1e-4)

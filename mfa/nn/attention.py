@@ -13,6 +13,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 import mfa
+from mfa.ops.packing import segment_positions
 
 Mask = Union[None, str, mx.array, Any]
 
@@ -27,11 +28,7 @@ def packed_positions(cu_seqlens: mx.array, total: int) -> mx.array:
     Returns:
         ``(total,)`` int32: ``t - cu_seqlens[s]`` for token ``t`` of sequence ``s``.
     """
-    # sequence id of each token: count the sequence starts at or before it (empty sequences
-    # add their start twice, which skips their id, as they own no token)
-    starts = mx.zeros((total + 1,), dtype=mx.int32).at[cu_seqlens[1:-1]].add(1)
-    seq_id = mx.cumsum(starts[:total])
-    return mx.arange(total, dtype=mx.int32) - cu_seqlens[seq_id]
+    return segment_positions(cu_seqlens, total)[1]
 
 
 def _attention_kwargs(mask: Mask, dtype: mx.Dtype) -> dict:

@@ -68,6 +68,11 @@ def _tiles(n: int, size: int) -> List[Tuple[int, int]]:
     return [(s, min(s + size, n)) for s in range(0, n, size)]
 
 
+def _segment_tiles(lo: np.ndarray, hi: np.ndarray, size: int) -> List[Tuple[int, int]]:
+    """Tiles of at most ``size`` inside each ``[lo, hi)`` range, in order (empty ranges give none)."""
+    return [(a + s, min(a + s + size, b)) for a, b in zip(lo.tolist(), hi.tolist()) for s in range(0, b - a, size)]
+
+
 def _band_maps(spec: AttentionSpec, segs: Segments, rows, cols) -> Tuple[np.ndarray, np.ndarray]:
     """``(active, full)`` of every tile under the band and segment structure."""
     left, right = spec.band
@@ -129,7 +134,12 @@ def build_schedule(
         segments: the varlen segments, or None when they cannot be read (a varlen call under
             `mx.compile`): then every tile is visited with its element mask.
     """
-    rows, cols = _tiles(Nq, tile_q), _tiles(Nk, tile_k)
+    if spec.varlen and segments is not None:
+        # tiles follow the sequence boundaries: no tile straddles two sequences
+        rows = _segment_tiles(segments.q_lo, segments.q_hi, tile_q)
+        cols = _segment_tiles(segments.k_lo, segments.k_hi, tile_k)
+    else:
+        rows, cols = _tiles(Nq, tile_q), _tiles(Nk, tile_k)
     shape = (len(rows), len(cols))
     if spec.varlen and segments is None:
         active, full = np.ones(shape, bool), np.zeros(shape, bool)

@@ -25,6 +25,7 @@ import mlx.core as mx
 import numpy as np
 
 from mfa.ops import dropout
+from mfa.ops.packing import segment_positions
 from mfa.ops.schedule import Segments, TileSchedule, aligned_tile, build_schedule
 from mfa.ops.spec import AttentionInputs, AttentionSpec
 
@@ -87,14 +88,6 @@ def merge_heads(x: mx.array) -> mx.array:
     return x.reshape(x.shape[0], x.shape[1] * x.shape[2], *x.shape[3:])
 
 
-def _segment_coordinates(cu: mx.array, total: int) -> Tuple[mx.array, mx.array]:
-    """Segment id and position within the segment of every packed token (in-graph)."""
-    starts = mx.zeros((total + 1,), dtype=mx.int32).at[cu[1:-1]].add(1)
-    seg = mx.cumsum(starts)[:total]
-    pos = mx.arange(total, dtype=mx.int32) - cu[seg]
-    return seg, pos
-
-
 class TiledProblem:
     """One attention call in the tiled backend's layout, with per-tile score helpers."""
 
@@ -121,8 +114,8 @@ class TiledProblem:
         spec, inputs = self.spec, self.inputs
         self.q_seg = self.k_seg = None
         if spec.varlen:
-            self.q_seg, q_local = _segment_coordinates(inputs.cu_seqlens_q, self.Nq)
-            self.k_seg, self.k_pos = _segment_coordinates(inputs.cu_seqlens_k, self.Nk)
+            self.q_seg, q_local = segment_positions(inputs.cu_seqlens_q, self.Nq)
+            self.k_seg, self.k_pos = segment_positions(inputs.cu_seqlens_k, self.Nk)
             lengths_q = inputs.cu_seqlens_q[1:] - inputs.cu_seqlens_q[:-1]
             lengths_k = inputs.cu_seqlens_k[1:] - inputs.cu_seqlens_k[:-1]
             self.q_pos = q_local + (lengths_k - lengths_q)[self.q_seg]

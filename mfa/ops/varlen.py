@@ -96,9 +96,7 @@ def flash_attention_varlen(
     )
     # the dense layout with one batch row: (1, H, total, D)
     dense = lambda x: x.transpose(1, 0, 2)[None]  # noqa: E731
-    inputs = AttentionInputs(
-        dense(q), dense(k), dense(v), None, alibi_slopes, sinks, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k
-    )
+    inputs = AttentionInputs(dense(q), dense(k), dense(v), None, alibi_slopes, sinks, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
 
     def reference():
         out, lse = attention_reference_varlen(
