@@ -8,7 +8,7 @@
 //   inputs:   q, dout (B, H, NQ, D), k, v (B, HKV, NK, D) in T, lse, delta (B, H, NQ) float32,
 //             params int32 [H, HKV, NQ, NK, LEFT, RIGHT], fparams float32 (see band.h: Scores)
 //   outputs:  dk, dv (B, HKV, NK, D) in T
-//   template: T, D, BQ, BK, NW, STAGES (query tiles in flight), SMEM
+//   template: T, D, BQ, BK, NW, STAGES (query tiles in flight), SMEM, SOFTCAP (0 or 1)
 //   grid (ceil(NK/BK)·32·NW, HKV, B), threadgroup (32·NW, 1, 1)
 using namespace mfa;
 constexpr int NT = 32 * NW;
@@ -27,7 +27,7 @@ const LaneCoord lc = lane_coord(tid % 32);
 
 const int H = params[0], HKV = params[1], NQ = params[2], NK = params[3];
 const Band band = Band::from(NQ, NK, params[4], params[5]);
-const Scores sc = Scores::from(fparams[0], fparams[2], fparams[3]);
+const Scores<SOFTCAP> sc = Scores<SOFTCAP>::from(fparams[0], fparams[2], fparams[3]);
 const float scale = fparams[1];
 const int k0 = kt * BK;
 const int k1 = k0 + BK < NK ? k0 + BK : NK;

@@ -6,7 +6,7 @@
 //   inputs:   q, dout (B, H, NQ, D), k, v (B, HKV, NK, D) in T, lse, delta (B, H, NQ) float32,
 //             params int32 [H, HKV, NQ, NK, LEFT, RIGHT], fparams float32 (see band.h: Scores)
 //   outputs:  dq (B, H, NQ, D) in T
-//   template: T, D, BQ, BK, NW, STAGES, SMEM
+//   template: T, D, BQ, BK, NW, STAGES, SMEM, SOFTCAP (0 or 1)
 //   grid (ceil(NQ/BQ)·32·NW, H, B), threadgroup (32·NW, 1, 1)
 using namespace mfa;
 constexpr int NT = 32 * NW;
@@ -23,7 +23,7 @@ const LaneCoord lc = lane_coord(tid % 32);
 
 const int H = params[0], HKV = params[1], NQ = params[2], NK = params[3];
 const Band band = Band::from(NQ, NK, params[4], params[5]);
-const Scores sc = Scores::from(fparams[0], fparams[2], fparams[3]);
+const Scores<SOFTCAP> sc = Scores<SOFTCAP>::from(fparams[0], fparams[2], fparams[3]);
 const float scale = fparams[1];
 const int nqt = (NQ + BQ - 1) / BQ;
 const int qt = band.right < kUnbounded ? nqt - 1 - int(threadgroup_position_in_grid.x)

@@ -8,7 +8,7 @@
 //   inputs:   q (B, H, NQ, D), k (B, HKV, NK, D), v (B, HKV, NK, D) in T,
 //             params int32 [H, HKV, NQ, NK, LEFT, RIGHT], fparams float32 (see band.h: Scores)
 //   outputs:  out (B, H, NQ, D) in T, lse (B, H, NQ) float32 (natural log; -inf on empty rows)
-//   template: T, D, BQ, BK, NW, STAGES (key/value tiles in flight), SMEM (shared bytes)
+//   template: T, D, BQ, BK, NW, STAGES (key/value tiles in flight), SMEM (shared bytes), SOFTCAP (0/1)
 //   grid (ceil(NQ/BQ)·32·NW, H, B), threadgroup (32·NW, 1, 1)
 using namespace mfa;
 constexpr int NT = 32 * NW;
@@ -25,7 +25,7 @@ const LaneCoord lc = lane_coord(tid % 32);
 
 const int H = params[0], HKV = params[1], NQ = params[2], NK = params[3];
 const Band band = Band::from(NQ, NK, params[4], params[5]);
-const Scores sc = Scores::from(fparams[0], fparams[2], fparams[3]);
+const Scores<SOFTCAP> sc = Scores<SOFTCAP>::from(fparams[0], fparams[2], fparams[3]);
 // causal-like bands: the longest query tiles (the last ones) start first, for load balance
 const int nqt = (NQ + BQ - 1) / BQ;
 const int qt = band.right < kUnbounded ? nqt - 1 - int(threadgroup_position_in_grid.x)

@@ -51,9 +51,11 @@ struct Band {
   }
 };
 
-// The score in log2 units from q·kᵀ: scale·log2(e)·x, or softcapped c·tanh(scale·x / c)·log2(e).
+// The score in log2 units from q·kᵀ: scale·log2(e)·x, or with CAP softcapped
+// c·tanh(scale·x / c)·log2(e).  CAP is a template value so plain calls pay nothing for it.
+template <int CAP>
 struct Scores {
-  float scale_log2, cap_log2, scale_over_cap;  // cap_log2 = 0: no softcap
+  float scale_log2, cap_log2, scale_over_cap;
 
   // From the kernels' fparams: [scale·log2(e), scale, softcap·log2(e), scale/softcap].
   MFA_FUNC static Scores from(float scale_log2, float cap_log2, float scale_over_cap) {
@@ -63,13 +65,12 @@ struct Scores {
     s.scale_over_cap = scale_over_cap;
     return s;
   }
-
   MFA_FUNC float log2_score(float x) const {
-    return cap_log2 > 0.0f ? cap_log2 * mfa_tanhf(x * scale_over_cap) : x * scale_log2;
+    return CAP ? cap_log2 * mfa_tanhf(x * scale_over_cap) : x * scale_log2;
   }
   // d(score)/d(scale·x): 1, or 1 - tanh² under softcap.
   MFA_FUNC float cap_grad(float x) const {
-    if (cap_log2 <= 0.0f) return 1.0f;
+    if (!CAP) return 1.0f;
     const float t = mfa_tanhf(x * scale_over_cap);
     return 1.0f - t * t;
   }

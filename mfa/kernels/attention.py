@@ -83,10 +83,10 @@ def block_sizes(target: str, head_dim: int, dtype: mx.Dtype) -> BlockSizes:
     return blocks
 
 
-def _template(name: str, tiles: Tiles, dtype: mx.Dtype, d: int):
-    """Template values of an attention kernel: T, D, BQ, BK, NW, (STAGES), SMEM."""
+def _template(name: str, tiles: Tiles, dtype: mx.Dtype, d: int, softcap: Optional[float]):
+    """Template values of an attention kernel: T, D, BQ, BK, NW, STAGES, SMEM, SOFTCAP."""
     return [("T", dtype), ("D", d), ("BQ", tiles.block_q), ("BK", tiles.block_k), ("NW", tiles.warps),
-            ("STAGES", tiles.stages), ("SMEM", shared_bytes(name, tiles, d, dtype.size))]
+            ("STAGES", tiles.stages), ("SMEM", shared_bytes(name, tiles, d, dtype.size)), ("SOFTCAP", int(bool(softcap)))]
 
 
 def _launch(target: str, name: str, template, threads: int, inputs, outputs, groups: Tuple[int, int, int]):
@@ -123,7 +123,7 @@ def forward(target: str, q: mx.array, k: mx.array, v: mx.array, scale: float, ca
     d = padded_head_dim(D)
     tiles = block_sizes(target, d, q.dtype).fwd
     q, k, v = (_pad_head(x, d) for x in (q, k, v))
-    out, lse = _launch(target, "attention_fwd", _template("attention_fwd", tiles, q.dtype, d), tiles.threads,
+    out, lse = _launch(target, "attention_fwd", _template("attention_fwd", tiles, q.dtype, d, softcap), tiles.threads,
                        [q, k, v, _params(H, Hkv, Nq, Nk, *band_bounds(causal, window)), _fparams(scale, softcap)],
                        [((B, H, Nq, d), q.dtype), ((B, H, Nq), mx.float32)], (-(-Nq // tiles.block_q), H, B))
     return (out[..., :D] if d != D else out), lse
@@ -164,10 +164,10 @@ def backward(target: str, q: mx.array, k: mx.array, v: mx.array, out: mx.array, 
 
     grads_in = [q, k, v, dout, lse, delta, params, fparams]
     t = blocks.dq
-    (dq,) = _launch(target, "attention_bwd_dq", _template("attention_bwd_dq", t, q.dtype, d), t.threads, grads_in,
+    (dq,) = _launch(target, "attention_bwd_dq", _template("attention_bwd_dq", t, q.dtype, d, softcap), t.threads, grads_in,
                     [((B, H, Nq, d), q.dtype)], (-(-Nq // t.block_q), H, B))
     t = blocks.dkdv
-    dk, dv = _launch(target, "attention_bwd_dkdv", _template("attention_bwd_dkdv", t, q.dtype, d), t.threads,
+    dk, dv = _launch(target, "attention_bwd_dkdv", _template("attention_bwd_dkdv", t, q.dtype, d, softcap), t.threads,
                      grads_in, [((B, Hkv, Nk, d), k.dtype), ((B, Hkv, Nk, d), v.dtype)],
                      (-(-Nk // t.block_k), Hkv, B))
     if d != D:
