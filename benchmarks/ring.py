@@ -13,6 +13,9 @@ single-device file is there, adds ``ring_summary.json``/``.md``: aggregate TFLOP
 over the single device's TFLOP/s at the largest length it ran (``speedup``), and whether the
 multi-device run reached lengths the single device could not (OOM, or ``--memory-limit-gb``).
 
+``--transfers-only`` times just the messages of a ring fwd+bwd step (K/V to every rank, dK/dV back to
+their owners) per transport, e.g. ``--comm ring all_gather`` to compare them.
+
 Lengths are global (the whole sequence); each rank holds ``N / W`` tokens.  TFLOP/s counts the
 attention math of the whole sequence: forward ``4·B·H·N²·D`` × causal fraction, fwd+bwd 3.5×.
 The time of a step is the slowest rank's (median over ``--iters`` after ``--warmup``).
@@ -36,6 +39,7 @@ if str(ROOT) not in sys.path:
 
 import mfa  # noqa: E402
 import mfa.distributed as md  # noqa: E402
+from mfa.distributed import comm as transports  # noqa: E402
 from benchmarks.measure import Case  # noqa: E402
 from benchmarks.run import device_name  # noqa: E402
 
@@ -58,6 +62,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--backend", default="auto", help="per-block fused backend (auto, cuda, metal, tiled)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--transfers-only", action="store_true",
+                   help="time only the K/V and dK/dV transfers of a fwd+bwd step (no attention math)")
     p.add_argument("--memory-limit-gb", type=float, default=None,
                    help="mx.set_memory_limit per process: emulate a smaller device")
     return p.parse_args(argv)
@@ -96,11 +102,34 @@ def _step(args, case: Case, group, comm: str) -> Callable[[], List[mx.array]]:
     return lambda: list(grad(q, k, v))
 
 
+def _transfers(args, case: Case, group, comm: str) -> Callable[[], List[mx.array]]:
+    """The messages of one ring fwd+bwd step alone: every K/V slice to every rank, dK/dV back."""
+    n, dtype = case.N // group.size(), DTYPES[args.dtype]
+    k = mx.random.normal((case.B, case.Hkv, n, case.D)).astype(dtype)
+    v = mx.random.normal((case.B, case.Hkv, n, case.D)).astype(dtype)
+    mx.eval(k, v)
+    kind = transports.resolve(comm, group)
+    scatter = kind == "all_gather" and transports.sum_scatter_supported(group)
+
+    def step():
+        touched = []
+        for direction in ("forward", "backward"):
+            transport = transports.Transport(kind, group, (k, v), scatter=scatter)
+            for source, (ks, vs) in transport.slices():
+                touched.append(ks[..., :1, :1] + vs[..., :1, :1])
+                if direction == "backward":
+                    transport.give_back(source, (ks.astype(mx.float32), vs.astype(mx.float32)))
+        return touched + transport.owned()
+
+    return step
+
+
 def measure(args, case: Case, group, comm: str) -> Dict:
     """Median step time (slowest rank), TFLOP/s of the whole sequence, tokens/s and peak memory."""
-    row = {"N": case.N, "n_local": case.N // group.size(), "comm": comm if group.size() > 1 else "-"}
+    resolved = transports.resolve(comm, group) if group.size() > 1 else "-"
+    row = {"N": case.N, "n_local": case.N // group.size(), "comm": resolved}
     try:
-        step = _step(args, case, group, comm)
+        step = (_transfers if args.transfers_only else _step)(args, case, group, comm)
         for _ in range(args.warmup):
             mx.eval(step())
         mx.synchronize()
@@ -187,10 +216,12 @@ def main(argv=None) -> Dict:
     if rank == 0:
         args.out.mkdir(parents=True, exist_ok=True)
         title = "one device: mfa.flash_attention" if world == 1 else f"{world} ranks: ring_attention ({args.layout})"
+        if args.transfers_only:
+            title = f"{world} ranks: transfers of ring_attention fwd+bwd only (TFLOP/s column: attention FLOPs / time)"
         (args.out / f"ring_w{world}.json").write_text(json.dumps(result, indent=1))
         (args.out / f"ring_w{world}.md").write_text(f"{result['device']}\n\n" + markdown(title, rows))
         single_path = args.out / "ring_w1.json"
-        if world > 1 and single_path.exists():
+        if world > 1 and single_path.exists() and not args.transfers_only:
             s = summary(json.loads(single_path.read_text()), result)
             (args.out / "ring_summary.json").write_text(json.dumps(s, indent=1))
             (args.out / "ring_summary.md").write_text(summary_markdown(s))

@@ -203,7 +203,8 @@ def main(argv=None) -> dict:
         losses.append(float(loss))
         tokens_per_s = (step + 1) * targets.size / (time.perf_counter() - start)
         bar.set_postfix(loss=f"{losses[-1]:.3f}", tok_s=f"{tokens_per_s:.0f}")
-    metrics.update(losses=losses, tokens_per_s=args.steps * args.batch_size * args.seq_len / (time.perf_counter() - start))
+    elapsed = time.perf_counter() - start
+    metrics.update(losses=losses, tokens_per_s=args.steps * args.batch_size * args.seq_len / elapsed)
     if rank == 0:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "metrics.json").write_text(json.dumps(metrics, indent=1))
