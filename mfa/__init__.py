@@ -8,7 +8,7 @@ Public names::
     mfa.BlockMask                                     # block-sparse patterns
     mfa.flash_attn                                    # flash-attention's names, (B, N, H, D) layout
     mfa.install() / mfa.uninstall() / mfa.installed() # route mx.fast.scaled_dot_product_attention to mfa
-    mfa.nn, mfa.serving                               # layers; KV caches, decode attention, runtime
+    mfa.nn, mfa.serving, mfa.distributed              # layers; KV caches and decode; ring attention
 """
 
 from mfa import flash_attn
@@ -17,12 +17,13 @@ from mfa.ops.block_mask import BlockMask
 from mfa.ops.sdpa import scaled_dot_product_attention
 from mfa.ops.varlen import flash_attention_varlen
 from mfa.patch import install, installed, is_installed, uninstall
-from mfa import nn, serving  # noqa: E402  (the layers and serving build on the ops above)
+from mfa import distributed, nn, serving  # noqa: E402  (built on the ops above)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BlockMask",
+    "distributed",
     "flash_attention",
     "flash_attention_varlen",
     "flash_attn",

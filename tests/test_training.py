@@ -1,9 +1,6 @@
 """examples/training: corpus packing, train/resume/fine-tune runs, the SDPA baseline, data parallel."""
 
 import json
-import os
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -17,9 +14,11 @@ ROOT = Path(__file__).resolve().parent.parent
 TRAINING = ROOT / "examples" / "training"
 sys.path.insert(0, str(TRAINING))
 sys.path.insert(0, str(ROOT / "examples" / "data"))
+sys.path.insert(0, str(ROOT / "tests" / "distributed"))
 
 import corpus  # noqa: E402
 import finetune  # noqa: E402
+from launch import launch  # noqa: E402
 import make_corpus  # noqa: E402
 import train  # noqa: E402
 import trainer  # noqa: E402
@@ -145,12 +144,8 @@ def test_finetune_lowers_eval_loss_on_the_new_corpus(tmp_path, lora_rank):
 
 
 def test_two_processes_equal_one_process_with_the_doubled_batch(tmp_path):
-    launcher = shutil.which("mlx.launch", path=os.path.dirname(sys.executable))
-    assert launcher, "mlx.launch is installed with mlx"
     args = [*TINY, "--steps", "3", "--eval-every", "3"]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    subprocess.run([launcher, "-n", "2", "--backend", "ring", "--python", sys.executable, str(TRAINING / "train.py"),
-                    *args, "--batch-size", "1", "--out", str(tmp_path / "two")], check=True, env=env, timeout=300)
+    launch(2, TRAINING / "train.py", [*args, "--batch-size", "1", "--out", tmp_path / "two"], timeout=300)
     single = train.main([*args, "--batch-size", "2", "--out", str(tmp_path / "one")])
     assert_same_weights(weights(tmp_path / "two"), weights(tmp_path / "one"), 1e-5)
     two = json.loads((tmp_path / "two" / "metrics.json").read_text())
