@@ -135,7 +135,6 @@ class RotatingKVCache:
             `window`.
         """
         _check_new(keys, values, self.keys, self.values)
-        S = keys.shape[2]
         older = self._temporal(min(self.offset, self.max_size - 1))
         self._write(keys, values)
         if older is None:

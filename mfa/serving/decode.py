@@ -23,7 +23,7 @@ import mlx.core as mx
 from mfa.ops.spec import AttentionSpec
 from mfa.serving import native
 from mfa.serving.merge import add_sink, merge_stacked
-from mfa.serving.view import CONTIGUOUS, PAGED, RING, KVView
+from mfa.serving.view import PAGED, RING, KVView
 
 MAX_DECODE_QUERIES = 16
 TILED_SPLIT = 512
