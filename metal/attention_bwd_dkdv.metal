@@ -6,9 +6,10 @@
 // batch); it walks the query tiles of every query head of its group and recomputes, transposed,
 // Pᵀ = exp(scale·k·qᵀ − lse) and dPᵀ = v·doutᵀ, so each warp owns BK/NW key rows of dk and dv.
 //   inputs:   q, dout (B, H, NQ, D), k, v (B, HKV, NK, D) in T, lse, delta (B, H, NQ) float32,
-//             params int32 [H, HKV, NQ, NK, LEFT, RIGHT], fparams float32 (see band.h: Scores)
+//             params int32 [H, HKV, NQ, NK, LEFT, RIGHT, HAS_SINKS, SLOPES_PER_BATCH],
+//             fparams float32 (see band.h: Scores), slopes (1|B, H) float32
 //   outputs:  dk, dv (B, HKV, NK, D) in T
-//   template: T, D, BQ, BK, NW, STAGES (query tiles in flight), SMEM, SOFTCAP (0 or 1)
+//   template: T, D, BQ, BK, NW, STAGES (query tiles in flight), SMEM, SOFTCAP, ALIBI (0/1)
 //   grid (ceil(NK/BK)·32·NW, HKV, B), threadgroup (32·NW, 1, 1)
 using namespace mfa;
 constexpr int NT = 32 * NW;
@@ -27,7 +28,7 @@ const LaneCoord lc = lane_coord(tid % 32);
 
 const int H = params[0], HKV = params[1], NQ = params[2], NK = params[3];
 const Band band = Band::from(NQ, NK, params[4], params[5]);
-const Scores<SOFTCAP> sc = Scores<SOFTCAP>::from(fparams[0], fparams[2], fparams[3]);
+Scores<SOFTCAP, ALIBI> sc = Scores<SOFTCAP, ALIBI>::from(fparams[0], fparams[2], fparams[3], 0.0f, NK - NQ);
 const float scale = fparams[1];
 const int k0 = kt * BK;
 const int k1 = k0 + BK < NK ? k0 + BK : NK;
@@ -79,6 +80,7 @@ for (int w = 1 - STAGES; w < nwork; ++w) {
   mfa_async_wait<STAGES - 1>();
   mfa_barrier();
   const int q0 = (qt_begin + w % nq) * BQ;
+  if (ALIBI) sc.slope_log2 = slopes[(params[7] != 0 ? b : 0) * H + hk * group + w / nq] * 1.4426950408889634f;
   MFA_TG const unsigned char* stage = sStages + (w % STAGES) * QSTAGE;
   MFA_TG const T* sQ = reinterpret_cast<MFA_TG const T*>(stage);
   MFA_TG const T* sdO = sQ + BQ * LD;
@@ -97,8 +99,8 @@ for (int w = 1 - STAGES; w < nwork; ++w) {
   MFA_UNROLL
   for (int i = 0; i < Acc<WM, BQ>::SIZE; ++i) {
     const int c = Acc<WM, BQ>::col(lc, i);
-    const bool keep = inside || band.keep(q0 + c, key0 + Acc<WM, BQ>::row(lc, i));
-    const float p = keep ? mfa_exp2f(sc.log2_score(pt.v[i]) - sLse[c]) : 0.0f;
+    const int r = q0 + c, j = key0 + Acc<WM, BQ>::row(lc, i);
+    const float p = inside || band.keep(r, j) ? mfa_exp2f(sc.log2_score(pt.v[i], r, j) - sLse[c]) : 0.0f;
     dst.v[i] = p * (dst.v[i] - sDelta[c]) * sc.cap_grad(pt.v[i]);
     pt.v[i] = p;
   }

@@ -4,9 +4,11 @@
 // Kernel body only (see attention_fwd.metal).  One threadgroup per (query tile, head, batch);
 // it recomputes P from lse over the key tiles of its band, so nothing of size NQ x NK is stored.
 //   inputs:   q, dout (B, H, NQ, D), k, v (B, HKV, NK, D) in T, lse, delta (B, H, NQ) float32,
-//             params int32 [H, HKV, NQ, NK, LEFT, RIGHT], fparams float32 (see band.h: Scores)
-//   outputs:  dq (B, H, NQ, D) in T
-//   template: T, D, BQ, BK, NW, STAGES, SMEM, SOFTCAP (0 or 1)
+//             params int32 [H, HKV, NQ, NK, LEFT, RIGHT, HAS_SINKS, SLOPES_PER_BATCH],
+//             fparams float32 (see band.h: Scores), slopes (1|B, H) float32
+//   outputs:  dq (B, H, NQ, D) in T; with ALIBI, dslopes_part (B, H, ceil(NQ/BQ)) float32: this
+//             tile's share of dL/dslope = Σ dS·(−|j − i'|)
+//   template: T, D, BQ, BK, NW, STAGES, SMEM, SOFTCAP, ALIBI (0/1)
 //   grid (ceil(NQ/BQ)·32·NW, H, B), threadgroup (32·NW, 1, 1)
 using namespace mfa;
 constexpr int NT = 32 * NW;
@@ -23,7 +25,8 @@ const LaneCoord lc = lane_coord(tid % 32);
 
 const int H = params[0], HKV = params[1], NQ = params[2], NK = params[3];
 const Band band = Band::from(NQ, NK, params[4], params[5]);
-const Scores<SOFTCAP> sc = Scores<SOFTCAP>::from(fparams[0], fparams[2], fparams[3]);
+const float slope = ALIBI ? slopes[(params[7] != 0 ? b : 0) * H + h] : 0.0f;
+const Scores<SOFTCAP, ALIBI> sc = Scores<SOFTCAP, ALIBI>::from(fparams[0], fparams[2], fparams[3], slope, NK - NQ);
 const float scale = fparams[1];
 const int nqt = (NQ + BQ - 1) / BQ;
 const int qt = band.right < kUnbounded ? nqt - 1 - int(threadgroup_position_in_grid.x)
@@ -57,6 +60,7 @@ for (int r = 0; r < RowVec<WM>::SIZE; ++r) lse_rows.v[r] *= 1.4426950408889634f;
 
 Acc<WM, D> dq;
 dq.zero();
+float dslope = 0.0f;  // this thread's share of dL/dslope
 MFA_TG const T* sQw = sQ + warp * WM * LD;
 MFA_TG const T* sdOw = sdO + warp * WM * LD;
 
@@ -88,9 +92,12 @@ for (int t = 1 - STAGES; t < ntiles; ++t) {
   MFA_UNROLL
   for (int i = 0; i < Acc<WM, BK>::SIZE; ++i) {
     const int slot = Acc<WM, BK>::slot(i);
-    const bool keep = inside || band.keep(row0 + Acc<WM, BK>::row(lc, i), k0 + Acc<WM, BK>::col(lc, i));
-    const float p = keep ? mfa_exp2f(sc.log2_score(s.v[i]) - lse_rows.v[slot]) : 0.0f;
-    ds.v[i] = p * (ds.v[i] - delta_rows.v[slot]) * sc.cap_grad(s.v[i]);
+    const int r = row0 + Acc<WM, BK>::row(lc, i), j = k0 + Acc<WM, BK>::col(lc, i);
+    const bool keep = inside || band.keep(r, j);
+    const float p = keep ? mfa_exp2f(sc.log2_score(s.v[i], r, j) - lse_rows.v[slot]) : 0.0f;
+    const float g = p * (ds.v[i] - delta_rows.v[slot]);  // dL/d(score)
+    if (ALIBI) dslope += g * sc.alibi_grad(r, j);
+    ds.v[i] = g * sc.cap_grad(s.v[i]);
   }
 
   // dq += dS·k
@@ -102,3 +109,17 @@ mfa_async_wait<0>();
 MFA_UNROLL
 for (int i = 0; i < Acc<WM, D>::SIZE; ++i) dq.v[i] *= scale;
 store_acc(dq, dq_out + (row_base + warp * WM) * D, D, NQ - row0, lc);
+
+if (ALIBI) {
+  // reduce dL/dslope over the threadgroup: lanes by shuffles, warps through shared memory
+  for (int m = 16; m > 0; m /= 2) dslope += mfa_shfl_xor(dslope, m);
+  mfa_barrier();  // every thread's copies have landed and no warp still reads the tiles
+  MFA_TG float* red = reinterpret_cast<MFA_TG float*>(smem);
+  if (tid % 32 == 0) red[warp] = dslope;
+  mfa_barrier();
+  if (tid == 0) {
+    float total = 0.0f;
+    for (int w = 0; w < NW; ++w) total += red[w];
+    dslopes_part[long(b * H + h) * nqt + qt] = total;
+  }
+}

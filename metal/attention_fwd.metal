@@ -6,9 +6,13 @@
 // One threadgroup per (query tile, head, batch); NW warps, each owning BQ/NW query rows; the
 // loop visits only the key/value tiles that intersect the band of its query tile.
 //   inputs:   q (B, H, NQ, D), k (B, HKV, NK, D), v (B, HKV, NK, D) in T,
-//             params int32 [H, HKV, NQ, NK, LEFT, RIGHT], fparams float32 (see band.h: Scores)
+//             params int32 [H, HKV, NQ, NK, LEFT, RIGHT, HAS_SINKS, SLOPES_PER_BATCH],
+//             fparams float32 (see band.h: Scores), sinks (H,) float32, slopes (1|B, H) float32
 //   outputs:  out (B, H, NQ, D) in T, lse (B, H, NQ) float32 (natural log; -inf on empty rows)
-//   template: T, D, BQ, BK, NW, STAGES (key/value tiles in flight), SMEM (shared bytes), SOFTCAP (0/1)
+//   template: T, D, BQ, BK, NW, STAGES (key/value tiles in flight), SMEM (shared bytes), SOFTCAP,
+//             ALIBI (0/1)
+// Sinks enter the softmax denominator as one more logit per head: the running max and sum
+// start at (sink, 1) instead of (-inf, 0).
 //   grid (ceil(NQ/BQ)·32·NW, H, B), threadgroup (32·NW, 1, 1)
 using namespace mfa;
 constexpr int NT = 32 * NW;
@@ -25,7 +29,9 @@ const LaneCoord lc = lane_coord(tid % 32);
 
 const int H = params[0], HKV = params[1], NQ = params[2], NK = params[3];
 const Band band = Band::from(NQ, NK, params[4], params[5]);
-const Scores<SOFTCAP> sc = Scores<SOFTCAP>::from(fparams[0], fparams[2], fparams[3]);
+const bool has_sinks = params[6] != 0;
+const float slope = ALIBI ? slopes[(params[7] != 0 ? b : 0) * H + h] : 0.0f;
+const Scores<SOFTCAP, ALIBI> sc = Scores<SOFTCAP, ALIBI>::from(fparams[0], fparams[2], fparams[3], slope, NK - NQ);
 // causal-like bands: the longest query tiles (the last ones) start first, for load balance
 const int nqt = (NQ + BQ - 1) / BQ;
 const int qt = band.right < kUnbounded ? nqt - 1 - int(threadgroup_position_in_grid.x)
@@ -53,8 +59,8 @@ o.zero();
 RowVec<WM> m_run, l_run;  // running max (log2 units) and running sum of exp2(s - max)
 MFA_UNROLL
 for (int r = 0; r < RowVec<WM>::SIZE; ++r) {
-  m_run.v[r] = -MFA_INF;
-  l_run.v[r] = 0.0f;
+  m_run.v[r] = has_sinks ? sinks[h] * 1.4426950408889634f : -MFA_INF;
+  l_run.v[r] = has_sinks ? 1.0f : 0.0f;
 }
 MFA_TG const T* sQw = sQ + warp * WM * LD;
 const int row0 = q0 + warp * WM;
@@ -83,8 +89,8 @@ for (int t = 1 - STAGES; t < ntiles; ++t) {
   const bool inside = band.inside(q0, q1, k0, k0 + BK);
   MFA_UNROLL
   for (int i = 0; i < Acc<WM, BK>::SIZE; ++i) {
-    const bool keep = inside || band.keep(row0 + Acc<WM, BK>::row(lc, i), k0 + Acc<WM, BK>::col(lc, i));
-    s.v[i] = keep ? sc.log2_score(s.v[i]) : -MFA_INF;
+    const int r = row0 + Acc<WM, BK>::row(lc, i), j = k0 + Acc<WM, BK>::col(lc, i);
+    s.v[i] = inside || band.keep(r, j) ? sc.log2_score(s.v[i], r, j) : -MFA_INF;
   }
 
   // online softmax: new running max, rescale factor of the previous tiles

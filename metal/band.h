@@ -51,28 +51,39 @@ struct Band {
   }
 };
 
-// The score in log2 units from q·kᵀ: scale·log2(e)·x, or with CAP softcapped
-// c·tanh(scale·x / c)·log2(e).  CAP is a template value so plain calls pay nothing for it.
-template <int CAP>
+// The score at (query row i, key j) in log2 units, from x = q·kᵀ:
+//   scale·x, softcapped (CAP) to c·tanh(scale·x / c), minus (ALIBI) slope·|j − i'|, times log2(e).
+// CAP and ALIBI are template values so plain calls pay nothing for them.
+template <int CAP, int ALIBI>
 struct Scores {
-  float scale_log2, cap_log2, scale_over_cap;
+  float scale_log2, cap_log2, scale_over_cap, slope_log2;
+  int offset;
 
-  // From the kernels' fparams: [scale·log2(e), scale, softcap·log2(e), scale/softcap].
-  MFA_FUNC static Scores from(float scale_log2, float cap_log2, float scale_over_cap) {
+  // From the kernels' fparams [scale·log2(e), scale, softcap·log2(e), scale/softcap], a head's
+  // ALiBi slope and NK − NQ.
+  MFA_FUNC static Scores from(float scale_log2, float cap_log2, float scale_over_cap, float slope, int offset) {
     Scores s;
     s.scale_log2 = scale_log2;
     s.cap_log2 = cap_log2;
     s.scale_over_cap = scale_over_cap;
+    s.slope_log2 = slope * 1.4426950408889634f;
+    s.offset = offset;
     return s;
   }
-  MFA_FUNC float log2_score(float x) const {
-    return CAP ? cap_log2 * mfa_tanhf(x * scale_over_cap) : x * scale_log2;
+  MFA_FUNC float log2_score(float x, int i, int j) const {
+    const float s = CAP ? cap_log2 * mfa_tanhf(x * scale_over_cap) : x * scale_log2;
+    return ALIBI ? s + slope_log2 * alibi_grad(i, j) : s;
   }
-  // d(score)/d(scale·x): 1, or 1 - tanh² under softcap.
+  // d(score)/d(scale·x): 1, or 1 − tanh² under softcap.
   MFA_FUNC float cap_grad(float x) const {
     if (!CAP) return 1.0f;
     const float t = mfa_tanhf(x * scale_over_cap);
     return 1.0f - t * t;
+  }
+  // d(score)/d(slope) = −|j − i'|.
+  MFA_FUNC float alibi_grad(int i, int j) const {
+    const int d = j - i - offset;
+    return -float(d < 0 ? -d : d);
   }
 };
 

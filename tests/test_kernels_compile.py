@@ -14,14 +14,18 @@ import mlx.core as mx
 import pytest
 
 from mfa.kernels import attention, emulator, offline, sources
+from mfa.ops.spec import AttentionInputs, AttentionSpec
 
 STUB = sources.kernel_dir() / "stub"
 
 
 def metal_sources(capfd, dtype, D, causal=True):
+    spec = AttentionSpec(scale=0.125, causal=causal)
+
     def fn(q, k, v, dout):
-        out, lse = attention.forward("metal", q, k, v, 0.125, causal)
-        return (out, lse, *attention.backward("metal", q, k, v, out, lse, dout, None, 0.125, causal))
+        inputs = AttentionInputs(q, k, v)
+        out, lse = attention.forward("metal", spec, inputs)
+        return (out, lse, *attention.backward("metal", spec, inputs, out, lse, dout, None).arrays())
 
     q = mx.zeros((1, 2, 33, D), dtype)
     k = mx.zeros((1, 1, 40, D), dtype)
@@ -63,9 +67,12 @@ def test_metal_check_catches_a_broken_body(capfd, tmp_path):
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
 def test_cuda_sources_compile_with_nvcc(tmp_path):
+    spec = AttentionSpec(scale=0.1, causal=True)
+
     def fn(q, k, v):
-        out, lse = attention.forward("cuda", q, k, v, 0.1, True)
-        attention.backward("cuda", q, k, v, out, lse, out, None, 0.1, True)
+        inputs = AttentionInputs(q, k, v)
+        out, lse = attention.forward("cuda", spec, inputs)
+        attention.backward("cuda", spec, inputs, out, lse, out, None)
 
     calls = []
     for dtype, D in ((mx.bfloat16, 128), (mx.float16, 64)):

@@ -119,6 +119,49 @@ def test_softcap(arch, softcap, window):
     check(q * 2, k * 2, v, causal=True, window=window, softcap=softcap)
 
 
+@pytest.mark.parametrize("slopes_shape", [None, (3,), (1, 3), (2, 3)])
+@pytest.mark.parametrize("with_sinks", [False, True])
+def test_alibi_and_sinks_with_their_gradients(arch, slopes_shape, with_sinks):
+    if slopes_shape is None and not with_sinks:
+        return
+    q, k, v = random_qkv(2, 3, 1, 45, 29, 64, dtype=default_dtype(arch), seed=21)
+    key = mx.random.key(4)
+    slopes = None if slopes_shape is None else mx.random.uniform(0.05, 0.5, slopes_shape, key=key)
+    sinks = mx.array([0.5, -1.0, 2.0]) if with_sinks else None
+    k1, k2 = mx.random.split(mx.random.key(8))
+    dout = mx.random.normal(q.shape, key=k1)
+    dlse = mx.random.normal(q.shape[:3], key=k2) * 0.5
+    spec = AttentionSpec(scale=0.2, causal=True, window=(20, -1), has_alibi=slopes is not None, has_sinks=with_sinks)
+    inputs = AttentionInputs(q, k, v, alibi_slopes=slopes, sinks=sinks)
+    out, lse = kernels.forward("emulator", spec, inputs)
+    grads = kernels.backward("emulator", spec, inputs, out, lse, dout.astype(q.dtype), dlse)
+
+    extras = [x for x in (slopes, sinks) if x is not None]
+
+    def oracle(upcast, arrays):
+        def f(q, k, v, *xs):
+            it = iter(xs)
+            return attention_reference(q, k, v, scale=0.2, causal=True, window=(20, -1), upcast=upcast,
+                                       alibi_slopes=next(it) if slopes is not None else None,
+                                       sinks=next(it) if with_sinks else None)
+
+        (o, l), g = mx.vjp(f, arrays, [dout.astype(arrays[0].dtype), dlse])
+        return {"out": o, "lse": l, **{n: x for n, x in zip(["dq", "dk", "dv", *names], g)}}
+
+    names = (["dslopes"] if slopes is not None else []) + (["dsinks"] if with_sinks else [])
+    ref = oracle(True, [x.astype(mx.float32) for x in (q, k, v)] + extras)
+    naive = oracle(False, [q, k, v] + extras)
+    got = {"out": out, "lse": lse, "dq": grads.dq, "dk": grads.dk, "dv": grads.dv}
+    if slopes is not None:
+        got["dslopes"] = grads.dalibi_slopes
+        assert grads.dalibi_slopes.shape == slopes.shape
+    if with_sinks:
+        got["dsinks"] = grads.dsinks
+        assert grads.dsinks.shape == sinks.shape
+    for name in got:
+        check_rule(name, got[name], ref[name], naive[name])
+
+
 def test_rows_with_no_key_give_zero_and_minus_inf(arch):
     # causal with Nq > Nk: the first Nq - Nk query rows see no key at all
     q, k, v = random_qkv(1, 2, 2, 40, 9, 64, dtype=default_dtype(arch), seed=5)
@@ -135,6 +178,7 @@ def test_unsupported_calls_are_declined():
     inputs = AttentionInputs(q, k, v)
     assert kernels.unsupported_reason("emulator", AttentionSpec(scale=0.1, has_bias=True), inputs) is not None
     assert kernels.unsupported_reason("emulator", AttentionSpec(scale=0.1, dropout_p=0.1), inputs) is not None
+    assert kernels.unsupported_reason("emulator", AttentionSpec(scale=0.1, varlen=True), inputs) is not None
     q, k, v = random_qkv(1, 2, 1, 8, 8, 64, Dv=32)
     assert "Dv" in kernels.unsupported_reason("emulator", AttentionSpec(scale=0.1), AttentionInputs(q, k, v))
     q, k, v = random_qkv(1, 1, 1, 4, 4, 320)
@@ -142,7 +186,7 @@ def test_unsupported_calls_are_declined():
     q, k, v = random_qkv(8, 8, 8, 1024, 1024, 16)
     assert "small shapes" in kernels.unsupported_reason("emulator", AttentionSpec(scale=0.1), AttentionInputs(q, k, v))
     with pytest.raises(ValueError, match="cannot run"):
-        kernels.forward("emulator", AttentionSpec(scale=0.1, has_sinks=True), AttentionInputs(*random_qkv(1, 1, 1, 4, 4, 64)))
+        kernels.forward("emulator", AttentionSpec(scale=0.1, has_bias=True), AttentionInputs(*random_qkv(1, 1, 1, 4, 4, 64)))
     with pytest.raises(ValueError, match="target"):
         kernels.is_available("vulkan")
 

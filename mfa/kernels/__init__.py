@@ -45,8 +45,8 @@ def unsupported_reason(target: str, spec: AttentionSpec, inputs: AttentionInputs
     The router falls back to the ``tiled`` backend when a reason is returned.
     """
     _check_target(target)
-    if not dataclasses.replace(spec, causal=False, window=None, softcap=None).is_plain:
-        return "native kernels cover dense attention with causal, window and softcap only"
+    if not dataclasses.replace(spec, causal=False, window=None, softcap=None, has_alibi=False, has_sinks=False).is_plain:
+        return "native kernels cover dense attention with causal, window, softcap, alibi and sinks only"
     q, k, v = inputs.q, inputs.k, inputs.v
     B, H, Nq, D = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
@@ -73,8 +73,9 @@ def forward(target: str, spec: AttentionSpec, inputs: AttentionInputs) -> Tuple[
 
     Args:
         target: one of `TARGETS`.
-        spec: the static options (dense, with causal, window, softcap; see `unsupported_reason`).
-        inputs: q ``(B, H, Nq, D)``, k, v ``(B, Hkv, Nk, D)``.
+        spec: the static options (causal, window, softcap, alibi, sinks; see `unsupported_reason`).
+        inputs: q ``(B, H, Nq, D)``, k, v ``(B, Hkv, Nk, D)``, optional alibi_slopes ``(1|B, H)``
+            and sinks ``(H,)``.
 
     Returns:
         ``(out, lse)``: out ``(B, H, Nq, D)`` in q's dtype; lse ``(B, H, Nq)`` float32.
@@ -83,8 +84,7 @@ def forward(target: str, spec: AttentionSpec, inputs: AttentionInputs) -> Tuple[
     reason = unsupported_reason(target, spec, inputs)
     if reason is not None:
         raise ValueError(f"{target} kernels cannot run this call: {reason}")
-    return attention.forward(target, inputs.q, inputs.k, inputs.v, spec.scale, spec.causal, spec.window,
-                             spec.softcap)
+    return attention.forward(target, spec, inputs)
 
 
 def backward(target: str, spec: AttentionSpec, inputs: AttentionInputs, out: mx.array, lse: mx.array,
@@ -99,12 +99,11 @@ def backward(target: str, spec: AttentionSpec, inputs: AttentionInputs, out: mx.
             ``dS = P ∘ (dP − (delta − dlse))``.
 
     Returns:
-        `AttentionGrads` with dq, dk, dv shaped and typed like q, k, v.
+        `AttentionGrads` with dq, dk, dv shaped and typed like q, k, v, and dalibi_slopes / dsinks
+        when those inputs are given.
     """
     _check_target(target)
     reason = unsupported_reason(target, spec, inputs)
     if reason is not None:
         raise ValueError(f"{target} kernels cannot run this call: {reason}")
-    dq, dk, dv = attention.backward(target, inputs.q, inputs.k, inputs.v, out, lse, dout, dlse, spec.scale,
-                                    spec.causal, spec.window, spec.softcap)
-    return AttentionGrads(dq, dk, dv)
+    return attention.backward(target, spec, inputs, out, lse, dout, dlse)

@@ -12,10 +12,12 @@ from mfa.kernels import emulator, sources
 
 # The buffers of every kernel body, in call order.
 IO = {
-    "attention_fwd": (["q", "k", "v", "params", "fparams"], ["out", "lse"]),
+    "attention_fwd": (["q", "k", "v", "params", "fparams", "sinks", "slopes"], ["out", "lse"]),
     "attention_bwd_preprocess": (["out", "dout", "dlse", "params"], ["delta"]),
-    "attention_bwd_dq": (["q", "k", "v", "dout", "lse", "delta", "params", "fparams"], ["dq_out"]),
-    "attention_bwd_dkdv": (["q", "k", "v", "dout", "lse", "delta", "params", "fparams"], ["dk_out", "dv_out"]),
+    "attention_bwd_dq": (["q", "k", "v", "dout", "lse", "delta", "params", "fparams", "slopes"],
+                         ["dq_out", "dslopes_part"]),
+    "attention_bwd_dkdv": (["q", "k", "v", "dout", "lse", "delta", "params", "fparams", "slopes"],
+                           ["dk_out", "dv_out"]),
 }
 
 
