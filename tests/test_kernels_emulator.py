@@ -119,47 +119,52 @@ def test_softcap(arch, softcap, window):
     check(q * 2, k * 2, v, causal=True, window=window, softcap=softcap)
 
 
-@pytest.mark.parametrize("slopes_shape", [None, (3,), (1, 3), (2, 3)])
-@pytest.mark.parametrize("with_sinks", [False, True])
-def test_alibi_and_sinks_with_their_gradients(arch, slopes_shape, with_sinks):
-    if slopes_shape is None and not with_sinks:
-        return
-    q, k, v = random_qkv(2, 3, 1, 45, 29, 64, dtype=default_dtype(arch), seed=21)
-    key = mx.random.key(4)
-    slopes = None if slopes_shape is None else mx.random.uniform(0.05, 0.5, slopes_shape, key=key)
-    sinks = mx.array([0.5, -1.0, 2.0]) if with_sinks else None
+def check_alibi_and_sinks(q, k, v, slopes, sinks, target="emulator", scale=0.2, window=(20, -1)):
+    """out, lse, dq, dk, dv, dslopes and dsinks of the kernels against the oracle."""
     k1, k2 = mx.random.split(mx.random.key(8))
     dout = mx.random.normal(q.shape, key=k1)
     dlse = mx.random.normal(q.shape[:3], key=k2) * 0.5
-    spec = AttentionSpec(scale=0.2, causal=True, window=(20, -1), has_alibi=slopes is not None, has_sinks=with_sinks)
+    spec = AttentionSpec(scale=scale, causal=True, window=window, has_alibi=slopes is not None,
+                         has_sinks=sinks is not None)
     inputs = AttentionInputs(q, k, v, alibi_slopes=slopes, sinks=sinks)
-    out, lse = kernels.forward("emulator", spec, inputs)
-    grads = kernels.backward("emulator", spec, inputs, out, lse, dout.astype(q.dtype), dlse)
-
+    assert kernels.unsupported_reason(target, spec, inputs) is None
+    out, lse = kernels.forward(target, spec, inputs)
+    grads = kernels.backward(target, spec, inputs, out, lse, dout.astype(q.dtype), dlse)
     extras = [x for x in (slopes, sinks) if x is not None]
+    names = (["dslopes"] if slopes is not None else []) + (["dsinks"] if sinks is not None else [])
 
     def oracle(upcast, arrays):
         def f(q, k, v, *xs):
             it = iter(xs)
-            return attention_reference(q, k, v, scale=0.2, causal=True, window=(20, -1), upcast=upcast,
+            return attention_reference(q, k, v, scale=scale, causal=True, window=window, upcast=upcast,
                                        alibi_slopes=next(it) if slopes is not None else None,
-                                       sinks=next(it) if with_sinks else None)
+                                       sinks=next(it) if sinks is not None else None)
 
         (o, l), g = mx.vjp(f, arrays, [dout.astype(arrays[0].dtype), dlse])
         return {"out": o, "lse": l, **{n: x for n, x in zip(["dq", "dk", "dv", *names], g)}}
 
-    names = (["dslopes"] if slopes is not None else []) + (["dsinks"] if with_sinks else [])
     ref = oracle(True, [x.astype(mx.float32) for x in (q, k, v)] + extras)
     naive = oracle(False, [q, k, v] + extras)
     got = {"out": out, "lse": lse, "dq": grads.dq, "dk": grads.dk, "dv": grads.dv}
     if slopes is not None:
         got["dslopes"] = grads.dalibi_slopes
         assert grads.dalibi_slopes.shape == slopes.shape
-    if with_sinks:
+    if sinks is not None:
         got["dsinks"] = grads.dsinks
         assert grads.dsinks.shape == sinks.shape
     for name in got:
         check_rule(name, got[name], ref[name], naive[name])
+
+
+@pytest.mark.parametrize("slopes_shape", [None, (3,), (1, 3), (2, 3)])
+@pytest.mark.parametrize("with_sinks", [False, True])
+def test_alibi_and_sinks_with_their_gradients(arch, slopes_shape, with_sinks):
+    if slopes_shape is None and not with_sinks:
+        return
+    q, k, v = random_qkv(2, 3, 1, 45, 29, 64, dtype=default_dtype(arch), seed=21)
+    slopes = None if slopes_shape is None else mx.random.uniform(0.05, 0.5, slopes_shape, key=mx.random.key(4))
+    sinks = mx.array([0.5, -1.0, 2.0]) if with_sinks else None
+    check_alibi_and_sinks(q, k, v, slopes, sinks)
 
 
 def test_rows_with_no_key_give_zero_and_minus_inf(arch):

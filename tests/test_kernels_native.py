@@ -7,7 +7,7 @@ is present (this suite then runs on the GPU machine: see the README's developer 
 import mlx.core as mx
 import pytest
 from conftest import random_qkv
-from test_kernels_emulator import check
+from test_kernels_emulator import check, check_alibi_and_sinks
 
 from mfa import kernels
 
@@ -40,3 +40,11 @@ def test_head_dims_and_dtypes(target, D, dtype):
 def test_window_and_softcap(target, window, softcap):
     q, k, v = random_qkv(2, 4, 2, 700, 900, 64, dtype=mx.bfloat16, seed=17)
     check(q, k, v, causal=False, window=window, softcap=softcap, target=target)
+
+
+@pytest.mark.parametrize("slopes_shape,with_sinks", [((4,), False), (None, True), ((2, 4), True)])
+def test_alibi_and_sinks(target, slopes_shape, with_sinks):
+    q, k, v = random_qkv(2, 4, 2, 600, 555, 64, dtype=mx.bfloat16, seed=23)
+    slopes = None if slopes_shape is None else mx.random.uniform(0.05, 0.5, slopes_shape, key=mx.random.key(4))
+    sinks = mx.array([0.5, -1.0, 2.0, 0.0]) if with_sinks else None
+    check_alibi_and_sinks(q, k, v, slopes, sinks, target=target, window=(300, -1))
