@@ -69,6 +69,19 @@ class _BiasGrad:
         return grad.reshape(self.shape).astype(self.dtype)
 
 
+def _transpose_sum_over_groups(lhs: mx.array, rhs: mx.array) -> mx.array:
+    """``Σ_g lhs[:, :, g]ᵀ @ rhs[:, :, g]`` as one matmul: ``(B, Hkv, G, bq, bk)``, ``(B, Hkv, G, bq, D)`` -> ``(B, Hkv, bk, D)``.
+
+    The G query heads that share a KV head are folded into the contraction, so dK/dV of GQA
+    need no separate reduction.
+    """
+    B, Hkv, G, bq, bk = lhs.shape
+    if G == 1:
+        return lhs[:, :, 0].swapaxes(-1, -2) @ rhs[:, :, 0]
+    lhs = lhs.transpose(0, 1, 4, 2, 3).reshape(B, Hkv, bk, G * bq)
+    return lhs @ rhs.reshape(B, Hkv, G * bq, rhs.shape[-1])
+
+
 def _slopes_grad(P: TiledProblem, ds: mx.array, r0: int, r1: int, c0: int, c1: int) -> mx.array:
     """d(score)/d(slope) = -|i' - j|: row sums of ``-dS·distance``, ``(B, Hkv, G, bq)``."""
     distance = mx.abs(P.k_pos[None, c0:c1] - P.q_pos[r0:r1, None]).astype(mx.float32)
@@ -138,7 +151,7 @@ def backward(
             if spec.has_dropout:
                 z = P.dropout_scale(r0, r1, c0, c1)
                 p_dropped, dp = p * z, dp * z
-            dv = dv + (p_dropped.astype(vt.dtype).swapaxes(-1, -2) @ dot).astype(mx.float32).sum(axis=2)
+            dv = dv + _transpose_sum_over_groups(p_dropped.astype(vt.dtype), dot).astype(mx.float32)
             ds = p * (dp - delta[..., r0:r1, :])
             updated = [dk, dv]
             if dbias is not None:
@@ -151,7 +164,7 @@ def backward(
             ds_low = ds.astype(qt.dtype)
             dq_i = (ds_low @ kt).astype(mx.float32) * spec.scale
             dq_tiles[i] = dq_i if i not in dq_tiles else dq_tiles[i] + dq_i
-            dk = dk + (ds_low.swapaxes(-1, -2) @ qt).astype(mx.float32).sum(axis=2) * spec.scale
+            dk = dk + _transpose_sum_over_groups(ds_low, qt).astype(mx.float32) * spec.scale
             updated[0] = dk
             P.step(dq_tiles[i], *updated)
         dk_tiles.append(dk)
