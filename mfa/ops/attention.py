@@ -10,7 +10,7 @@ from mfa.ops import checks
 from mfa.ops.block_mask import BlockMask
 from mfa.ops.reference import attention_reference
 from mfa.ops.routing import attend
-from mfa.ops.spec import AttentionInputs, AttentionSpec
+from mfa.ops.spec import AttentionInputs
 
 
 def flash_attention(
@@ -78,40 +78,22 @@ def flash_attention(
     checks.check_dense_shapes(q, k, v)
     B, H, Nq, D = q.shape
     Nk = k.shape[2]
-    checks.check_scale(scale)
-    window = checks.normalize_window(window)
-    checks.check_softcap(softcap)
-    checks.check_dropout(dropout_p, dropout_seed)
-    checks.check_backend(backend)
     if bias is not None:
         bias = checks.bias_as_4d(bias, B, H, Nq, Nk)
-    if alibi_slopes is not None:
-        checks.check_per_head("alibi_slopes", alibi_slopes, H, batch=B)
-    if sinks is not None:
-        checks.check_per_head("sinks", sinks, H, batch=None)
     if block_mask is not None:
         if not isinstance(block_mask, BlockMask):
             raise ValueError(f"block_mask must be an mfa.BlockMask, got {type(block_mask).__name__}")
         block_mask.check(B, H, Nq, Nk)
-
-    scale = float(D**-0.5 if scale is None else scale)
-    spec = AttentionSpec(
-        scale=scale,
-        causal=bool(causal),
-        window=window,
-        softcap=None if softcap is None else float(softcap),
-        dropout_p=float(dropout_p),
-        dropout_seed=int(dropout_seed),
-        has_bias=bias is not None,
-        has_alibi=alibi_slopes is not None,
-        has_sinks=sinks is not None,
-        block_mask=block_mask,
+    spec = checks.checked_spec(
+        D, H, B, scale=scale, causal=causal, window=window, softcap=softcap, alibi_slopes=alibi_slopes,
+        sinks=sinks, dropout_p=dropout_p, dropout_seed=dropout_seed, backend=backend,
+        has_bias=bias is not None, block_mask=block_mask,
     )
     inputs = AttentionInputs(q, k, v, bias, alibi_slopes, sinks)
 
     def reference():
         return attention_reference(
-            q, k, v, scale=scale, causal=causal, window=window, bias=bias, block_mask=block_mask,
+            q, k, v, scale=spec.scale, causal=causal, window=spec.window, bias=bias, block_mask=block_mask,
             softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks, dropout_p=dropout_p,
             dropout_seed=dropout_seed,
         )

@@ -7,6 +7,8 @@ from typing import Optional, Tuple
 import mlx.core as mx
 import numpy as np
 
+from mfa.ops.spec import AttentionSpec
+
 FLOAT_DTYPES = (mx.float16, mx.bfloat16, mx.float32)
 BACKENDS = ("auto", "sdpa", "metal", "cuda", "emulator", "tiled", "reference")
 
@@ -144,3 +146,49 @@ def check_max_seqlen(name: str, max_seqlen, values: np.ndarray) -> None:
     longest = int(np.diff(values).max()) if len(values) > 1 else 0
     if int(max_seqlen) < longest:
         raise ValueError(f"{name}={max_seqlen} is smaller than the longest sequence ({longest})")
+
+
+def checked_spec(
+    D: int,
+    H: int,
+    batch: int,
+    *,
+    scale,
+    causal,
+    window,
+    softcap,
+    alibi_slopes,
+    sinks,
+    dropout_p,
+    dropout_seed,
+    backend,
+    **flags,
+) -> AttentionSpec:
+    """Check the options every op shares and build the call's `AttentionSpec`.
+
+    Args:
+        D: head dim (for the default scale).
+        H: query heads.
+        batch: rows a ``(batch, H)`` ALiBi table may have (B, or S sequences for varlen).
+        flags: the remaining `AttentionSpec` fields (``has_bias``, ``block_mask``, ``varlen``).
+    """
+    check_scale(scale)
+    window = normalize_window(window)
+    check_softcap(softcap)
+    check_dropout(dropout_p, dropout_seed)
+    check_backend(backend)
+    if alibi_slopes is not None:
+        check_per_head("alibi_slopes", alibi_slopes, H, batch=batch)
+    if sinks is not None:
+        check_per_head("sinks", sinks, H, batch=None)
+    return AttentionSpec(
+        scale=float(D**-0.5 if scale is None else scale),
+        causal=bool(causal),
+        window=window,
+        softcap=None if softcap is None else float(softcap),
+        dropout_p=float(dropout_p),
+        dropout_seed=int(dropout_seed),
+        has_alibi=alibi_slopes is not None,
+        has_sinks=sinks is not None,
+        **flags,
+    )

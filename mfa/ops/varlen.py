@@ -10,7 +10,7 @@ import numpy as np
 from mfa.ops import checks
 from mfa.ops.reference import attention_reference_varlen
 from mfa.ops.routing import attend
-from mfa.ops.spec import AttentionInputs, AttentionSpec
+from mfa.ops.spec import AttentionInputs
 from mfa.ops.tiled import is_tracing
 
 
@@ -72,27 +72,9 @@ def flash_attention_varlen(
         checks.check_cu_seqlens_values("cu_seqlens_k", values_k, total_k)
         checks.check_max_seqlen("max_seqlen_q", max_seqlen_q, values_q)
         checks.check_max_seqlen("max_seqlen_k", max_seqlen_k, values_k)
-    checks.check_scale(scale)
-    window = checks.normalize_window(window)
-    checks.check_softcap(softcap)
-    checks.check_dropout(dropout_p, dropout_seed)
-    checks.check_backend(backend)
-    if alibi_slopes is not None:
-        checks.check_per_head("alibi_slopes", alibi_slopes, H, batch=num_seqs)
-    if sinks is not None:
-        checks.check_per_head("sinks", sinks, H, batch=None)
-
-    scale = float(D**-0.5 if scale is None else scale)
-    spec = AttentionSpec(
-        scale=scale,
-        causal=bool(causal),
-        window=window,
-        softcap=None if softcap is None else float(softcap),
-        dropout_p=float(dropout_p),
-        dropout_seed=int(dropout_seed),
-        has_alibi=alibi_slopes is not None,
-        has_sinks=sinks is not None,
-        varlen=True,
+    spec = checks.checked_spec(
+        D, H, num_seqs, scale=scale, causal=causal, window=window, softcap=softcap, alibi_slopes=alibi_slopes,
+        sinks=sinks, dropout_p=dropout_p, dropout_seed=dropout_seed, backend=backend, varlen=True,
     )
     # the dense layout with one batch row: (1, H, total, D)
     dense = lambda x: x.transpose(1, 0, 2)[None]  # noqa: E731
@@ -100,7 +82,7 @@ def flash_attention_varlen(
 
     def reference():
         out, lse = attention_reference_varlen(
-            q, k, v, cu_q, cu_k, scale=scale, causal=causal, window=window, softcap=softcap,
+            q, k, v, cu_q, cu_k, scale=spec.scale, causal=causal, window=spec.window, softcap=softcap,
             alibi_slopes=alibi_slopes, sinks=sinks, dropout_p=dropout_p, dropout_seed=dropout_seed,
         )
         return dense(out), lse[None]
