@@ -1,16 +1,20 @@
-// attention_bwd_dkdv: dk = scale · dSᵀ·q and dv = Pᵀ·dout (FlashAttention-2 backward, the
-// key-side half), summed over the query heads that share each key/value head (GQA); dS as in
-// attention_bwd_dq.metal, over the kept band only.
+// attention_bwd_dkdv: dk = scale · dS_rawᵀ·q and dv = (P ∘ Z)ᵀ·dout (FlashAttention-2 backward,
+// the key-side half), summed over the query heads that share each key/value head (GQA); P, Z,
+// dS and dS_raw as in attention_bwd_dq.metal, over the kept keys only.
 //
 // Kernel body only (see attention_fwd.metal).  One threadgroup per (key tile, key/value head,
-// batch); it walks the query tiles of every query head of its group and recomputes, transposed,
-// Pᵀ = exp(scale·k·qᵀ − lse) and dPᵀ = v·doutᵀ, so each warp owns BK/NW key rows of dk and dv.
+// batch); it walks work items (query head of its group, query tile) — those of its band, or its
+// block-sparse list — and recomputes, transposed, Pᵀ = exp(s − lse) and dPᵀ = v·doutᵀ, so each
+// warp owns BK/NW key rows of dk and dv.
 //   inputs:   q, dout (B, H, NQ, D), k, v (B, HKV, NK, D) in T, lse, delta (B, H, NQ) float32,
-//             params int32 [H, HKV, NQ, NK, LEFT, RIGHT, HAS_SINKS, SLOPES_PER_BATCH],
-//             fparams float32 (see band.h: Scores), slopes (1|B, H) float32
-//   outputs:  dk, dv (B, HKV, NK, D) in T
-//   template: T, D, BQ, BK, NW, STAGES (query tiles in flight), SMEM, SOFTCAP, ALIBI (0/1)
-//   grid (ceil(NK/BK)·32·NW, HKV, B), threadgroup (32·NW, 1, 1)
+//             params, fparams, slopes, bias, sched, bits as in attention_fwd.metal (sched for
+//             varlen counts key tiles)
+//   outputs:  dk, dv (B, HKV, NK, D) in T; dbias (the bias's shape) in TDB with DBIAS 3 (bias
+//             broadcast over query rows: per key, summed over rows) or 4 (over rows and keys)
+//   template: T, D, BQ, BK, NW, STAGES (work items in flight), SMEM, SOFTCAP, ALIBI, BIAS, VARLEN,
+//             SPARSE, DROPOUT, DBIAS (0: none or done by the dq kernel; 3; 4), TDB (dbias type)
+//   grid (tiles·32·NW, HKV, B), tiles = ceil(NK/BK) or for varlen (NK + S·(BK − 1)) / BK;
+//   threadgroup (32·NW, 1, 1)
 using namespace mfa;
 constexpr int NT = 32 * NW;
 constexpr int WM = BK / NW;  // key rows per warp
@@ -19,41 +23,56 @@ constexpr int QSTAGE = 2 * BQ * LD * int(sizeof(T)) + 2 * BQ * 4;  // bytes of Q
 static_assert(WM % kFragRows == 0, "BK/NW must be a multiple of the fragment height");
 static_assert(SMEM >= 2 * BK * LD * int(sizeof(T)) + STAGES * QSTAGE, "SMEM too small");
 
-const int kt = int(threadgroup_position_in_grid.x);
 const int hk = int(threadgroup_position_in_grid.y);
 const int b = int(threadgroup_position_in_grid.z);
 const int tid = int(thread_index_in_threadgroup);
 const int warp = tid / 32;
 const LaneCoord lc = lane_coord(tid % 32);
 
-const int H = params[0], HKV = params[1], NQ = params[2], NK = params[3];
-const Band band = Band::from(NQ, NK, params[4], params[5]);
-Scores<SOFTCAP, ALIBI> sc = Scores<SOFTCAP, ALIBI>::from(fparams[0], fparams[2], fparams[3], 0.0f, NK - NQ);
+const int H = params[kH], HKV = params[kHKV], NQ = params[kNQ], NK = params[kNK];
+const Segment sg = Segment::of<VARLEN>(int(threadgroup_position_in_grid.x), b, params, sched);
+if (!sg.valid) return;
+const Band band = Band::from(sg.nq, sg.nk, params[kLeft], params[kRight]);
+Scores<SOFTCAP, ALIBI> sc = Scores<SOFTCAP, ALIBI>::from(fparams[0], fparams[2], fparams[3], 0.0f, sg.nk - sg.nq);
 const float scale = fparams[1];
-const int k0 = kt * BK;
-const int k1 = k0 + BK < NK ? k0 + BK : NK;
+const int k0 = sg.tile * BK;
+const int k1 = k0 + BK < sg.nk ? k0 + BK : sg.nk;
 const int group = H / HKV;
+const int bias_sq = params[kBiasStrideQ], bias_sk = params[kBiasStrideK];
+const bool dbias_unique = params[kBiasUnique] != 0;
+const bool dbias_per_head = params[kBiasStrideH] != 0;
 
 MFA_SHARED(smem, SMEM);
 MFA_TG T* sK = reinterpret_cast<MFA_TG T*>(smem);
 MFA_TG T* sV = sK + BK * LD;
 MFA_TG unsigned char* sStages = smem + 2 * BK * LD * int(sizeof(T));  // STAGES x (Q, dO, lse, delta)
 
-const long kv_base = long(b * HKV + hk) * NK + k0;
-copy_tile_async<BK, D, NT>(sK, LD, k + kv_base * D, D, NK - k0, tid);
-copy_tile_async<BK, D, NT>(sV, LD, v + kv_base * D, D, NK - k0, tid);
+const long kv_base = long(b * HKV + hk) * NK + sg.k_lo + k0;
+copy_tile_async<BK, D, NT>(sK, LD, k + kv_base * D, D, sg.nk - k0, tid);
+copy_tile_async<BK, D, NT>(sV, LD, v + kv_base * D, D, sg.nk - k0, tid);
 mfa_async_commit();
 
-// Query tiles that see any key of this tile, for every query head of the group: work item w
-// is (head g = w / nq, query tile qt_begin + w % nq).
+// Work items: dense, w is (head g = w / nq, query tile qt_begin + w % nq) over the query tiles
+// that see any key of this tile; block-sparse, the entries (g, query tile, partial) of the list.
 const int q_lo = band.query_lo(k0), q_hi = band.query_hi(k1);
 const int qt_begin = q_lo / BQ;
 const int nq = q_hi > q_lo ? (q_hi + BQ - 1) / BQ - qt_begin : 0;
-const int nwork = group * nq;
+int nwork = group * nq;
+TileList<3> list;
+if (SPARSE) {
+  const int nkt = (sg.nk + BK - 1) / BK;
+  const int heads = params[kMaskH] > 1 ? HKV : 1;
+  const int mask_row = (params[kMaskB] > 1 ? b : 0) * heads + (params[kMaskH] > 1 ? hk : 0);
+  list = TileList<3>::at(sched, params[kMaskB] * heads * nkt, mask_row * nkt + sg.tile);
+  nwork = list.count;
+}
 
 Acc<WM, D> dk, dv;
 dk.zero();
 dv.zero();
+RowVec<WM> dbias_keys;  // DBIAS 3/4: this lane's share of dL/dbias per key row
+MFA_UNROLL
+for (int r = 0; r < RowVec<WM>::SIZE; ++r) dbias_keys.v[r] = 0.0f;
 MFA_TG const T* sKw = sK + warp * WM * LD;
 MFA_TG const T* sVw = sV + warp * WM * LD;
 const int key0 = k0 + warp * WM;
@@ -62,16 +81,19 @@ const int key0 = k0 + warp * WM;
 for (int w = 1 - STAGES; w < nwork; ++w) {
   const int wn = w + STAGES - 1;
   if (wn < nwork) {
-    const int q0 = (qt_begin + wn % nq) * BQ;
-    const long rows = long(b * H + hk * group + wn / nq) * NQ + q0;
+    const int gn = SPARSE ? list.get(wn, 0) : wn / nq;
+    const int q0 = (SPARSE ? list.get(wn, 1) : qt_begin + wn % nq) * BQ;
+    const long rows = long(b * H + hk * group + gn) * NQ + sg.q_lo + q0;
     MFA_TG unsigned char* stage = sStages + (wn % STAGES) * QSTAGE;
     MFA_TG T* dQ = reinterpret_cast<MFA_TG T*>(stage);
     MFA_TG float* dL = reinterpret_cast<MFA_TG float*>(dQ + 2 * BQ * LD);
-    copy_tile_async<BQ, D, NT>(dQ, LD, q + rows * D, D, NQ - q0, tid);
-    copy_tile_async<BQ, D, NT>(dQ + BQ * LD, LD, dout + rows * D, D, NQ - q0, tid);
+    copy_tile_async<BQ, D, NT>(dQ, LD, q + rows * D, D, sg.nq - q0, tid);
+    copy_tile_async<BQ, D, NT>(dQ + BQ * LD, LD, dout + rows * D, D, sg.nq - q0, tid);
     for (int i = tid; i < BQ; i += NT) {
-      const bool valid = q0 + i < NQ;
-      dL[i] = valid ? lse[rows + i] * 1.4426950408889634f : 0.0f;  // log2 units
+      const bool valid = q0 + i < sg.nq;
+      const float l = valid ? lse[rows + i] : 0.0f;
+      // log2 units; rows with nothing to attend (lse = -inf) get +inf, so P = 0 there
+      dL[i] = l == -MFA_INF ? MFA_INF : l * 1.4426950408889634f;
       dL[BQ + i] = valid ? delta[rows + i] : 0.0f;
     }
   }
@@ -79,8 +101,13 @@ for (int w = 1 - STAGES; w < nwork; ++w) {
   if (w < 0) continue;
   mfa_async_wait<STAGES - 1>();
   mfa_barrier();
-  const int q0 = (qt_begin + w % nq) * BQ;
-  if (ALIBI) sc.slope_log2 = slopes[(params[7] != 0 ? b : 0) * H + hk * group + w / nq] * 1.4426950408889634f;
+  const int g = SPARSE ? list.get(w, 0) : w / nq;
+  const int q0 = (SPARSE ? list.get(w, 1) : qt_begin + w % nq) * BQ;
+  const int partial = SPARSE ? list.get(w, 2) : -1;
+  const int h = hk * group + g;
+  if (ALIBI) sc.slope_log2 = slopes[(params[kSlopesPerRow] != 0 ? sg.seg : 0) * H + h] * 1.4426950408889634f;
+  const Dropout drop = Dropout::from(params, fparams[4], b * H + h);
+  const long bias_head = long(b) * params[kBiasStrideB] + long(h) * params[kBiasStrideH];
   MFA_TG const unsigned char* stage = sStages + (w % STAGES) * QSTAGE;
   MFA_TG const T* sQ = reinterpret_cast<MFA_TG const T*>(stage);
   MFA_TG const T* sdO = sQ + BQ * LD;
@@ -94,25 +121,61 @@ for (int w = 1 - STAGES; w < nwork; ++w) {
   pt.zero();
   mma_abt<D>(pt, sKw, LD, sQ, LD, lc);
 
-  // Pᵀ = exp2(s − lse) (zero outside the band), dSᵀ = Pᵀ ∘ (dPᵀ − delta) · d(softcap)
+  // Pᵀ = exp2(s − lse) (zero where masked), dSᵀ = Pᵀ ∘ (dPᵀ ∘ Z − delta), dS_rawᵀ = dSᵀ ∘ d(softcap)
   const bool inside = band.inside(q0, q0 + BQ, k0, k0 + BK);
   MFA_UNROLL
   for (int i = 0; i < Acc<WM, BQ>::SIZE; ++i) {
     const int c = Acc<WM, BQ>::col(lc, i);
     const int r = q0 + c, j = key0 + Acc<WM, BQ>::row(lc, i);
-    const float p = inside || band.keep(r, j) ? mfa_exp2f(sc.log2_score(pt.v[i], r, j) - sLse[c]) : 0.0f;
-    dst.v[i] = p * (dst.v[i] - sDelta[c]) * sc.cap_grad(pt.v[i]);
-    pt.v[i] = p;
+    bool keep = inside || band.keep(r, j);
+    if (SPARSE && partial >= 0) keep = keep && tile_bit<BQ, BK>(bits, partial, c, j - k0);
+    float p = 0.0f;
+    if (keep) {
+      float xs = sc.log2_score(pt.v[i], r, j);
+      if (BIAS) xs += 1.4426950408889634f * float(bias[bias_head + long(r) * bias_sq + long(j) * bias_sk]);
+      p = mfa_exp2f(xs - sLse[c]);
+    }
+    const float z = DROPOUT ? drop.factor(sg.q_lo + r, sg.k_lo + j) : 1.0f;
+    const float gs = p * (dst.v[i] * z - sDelta[c]);  // dL/d(score)
+    if (DBIAS == 3 || DBIAS == 4) dbias_keys.v[Acc<WM, BQ>::slot(i)] += gs;
+    dst.v[i] = gs * sc.cap_grad(pt.v[i]);
+    pt.v[i] = p * z;
   }
 
-  // dv += Pᵀ·dout, dk += dSᵀ·q
+  // dv += (Pᵀ ∘ Z)·dout, dk += dS_rawᵀ·q
   mma_ab<BQ>(dv, pt, sdO, LD, lc);
   mma_ab<BQ>(dk, dst, sQ, LD, lc);
+
+  // DBIAS 3/4: the key sums of a head are complete once its work items are done; a bias shared
+  // by the heads takes them all at the end
+  const bool head_done = w + 1 == nwork || (SPARSE ? list.get(w + 1, 0) : (w + 1) / nq) != g;
+  if ((DBIAS == 3 || DBIAS == 4) && head_done && (dbias_per_head || w + 1 == nwork)) {
+    reduce_rows(dbias_keys);
+    if (DBIAS == 3 && RowVec<WM>::writer(lc)) {
+      MFA_UNROLL
+      for (int s = 0; s < RowVec<WM>::SIZE; ++s) {
+        const int j = key0 + RowVec<WM>::row(lc, s);
+        if (j < sg.nk) dbias_add(dbias, bias_head + long(j) * bias_sk, dbias_keys.v[s], dbias_unique);
+      }
+    }
+    if (DBIAS == 4) {
+      // one atomic add per warp: other warps, key tiles, heads and batches add to the same entry
+      float total = 0.0f;
+      if (RowVec<WM>::writer(lc)) {
+        MFA_UNROLL
+        for (int s = 0; s < RowVec<WM>::SIZE; ++s) total += dbias_keys.v[s];
+      }
+      for (int m = 16; m > 0; m /= 2) total += mfa_shfl_xor(total, m);
+      if (tid % 32 == 0) dbias_add(dbias, bias_head, total, false);
+    }
+    MFA_UNROLL
+    for (int s = 0; s < RowVec<WM>::SIZE; ++s) dbias_keys.v[s] = 0.0f;
+  }
   mfa_barrier();  // this stage's buffers may now be refilled
 }
 mfa_async_wait<0>();
 
 MFA_UNROLL
 for (int i = 0; i < Acc<WM, D>::SIZE; ++i) dk.v[i] *= scale;
-store_acc(dk, dk_out + (kv_base + warp * WM) * D, D, NK - key0, lc);
-store_acc(dv, dv_out + (kv_base + warp * WM) * D, D, NK - key0, lc);
+store_acc(dk, dk_out + (kv_base + warp * WM) * D, D, sg.nk - key0, lc);
+store_acc(dv, dv_out + (kv_base + warp * WM) * D, D, sg.nk - key0, lc);

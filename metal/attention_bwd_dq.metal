@@ -1,15 +1,19 @@
-// attention_bwd_dq: dq = scale · dS·k with dS = P ∘ (dP − delta) (times 1 − tanh² under
-// softcap), P = exp(s − lse), dP = dout·vᵀ (FlashAttention-2 backward, the query-side half).
+// attention_bwd_dq: dq = scale · dS_raw·k (FlashAttention-2 backward, the query-side half), with
+//   P = exp(s − lse),  dP = (dout·vᵀ) ∘ Z,  dS = P ∘ (dP − delta),  dS_raw = dS ∘ d(softcap)
+// (Z: the dropout factors, s as in attention_fwd.metal).  dS is also dL/dbias and gives
+// dL/dslope = Σ dS·(−|j − i'|).
 //
 // Kernel body only (see attention_fwd.metal).  One threadgroup per (query tile, head, batch);
-// it recomputes P from lse over the key tiles of its band, so nothing of size NQ x NK is stored.
+// it recomputes P from lse over the key tiles of its band or list, so nothing of size NQ x NK
+// is stored.
 //   inputs:   q, dout (B, H, NQ, D), k, v (B, HKV, NK, D) in T, lse, delta (B, H, NQ) float32,
-//             params int32 [H, HKV, NQ, NK, LEFT, RIGHT, HAS_SINKS, SLOPES_PER_BATCH],
-//             fparams float32 (see band.h: Scores), slopes (1|B, H) float32
-//   outputs:  dq (B, H, NQ, D) in T; with ALIBI, dslopes_part (B, H, ceil(NQ/BQ)) float32: this
-//             tile's share of dL/dslope = Σ dS·(−|j − i'|)
-//   template: T, D, BQ, BK, NW, STAGES, SMEM, SOFTCAP, ALIBI (0/1)
-//   grid (ceil(NQ/BQ)·32·NW, H, B), threadgroup (32·NW, 1, 1)
+//             params, fparams, slopes, bias, sched, bits as in attention_fwd.metal
+//   outputs:  dq (B, H, NQ, D) in T; dslopes_part (B, H, tiles) float32 with ALIBI: this
+//             tile's share of dL/dslope; dbias (the bias's shape) in TDB with DBIAS 1 (per
+//             element) or 2 (bias broadcast over keys: per row, summed over the tile's keys)
+//   template: T, D, BQ, BK, NW, STAGES, SMEM, SOFTCAP, ALIBI, BIAS, VARLEN, SPARSE, DROPOUT,
+//             DBIAS (0: none or done by the dk/dv kernel; 1; 2), TDB (dbias type)
+//   grid (tiles·32·NW, H, B) as in attention_fwd.metal, threadgroup (32·NW, 1, 1)
 using namespace mfa;
 constexpr int NT = 32 * NW;
 constexpr int WM = BQ / NW;  // query rows per warp
@@ -19,58 +23,81 @@ static_assert(SMEM >= (2 * BQ + 2 * STAGES * BK) * LD * int(sizeof(T)), "SMEM to
 
 const int h = int(threadgroup_position_in_grid.y);
 const int b = int(threadgroup_position_in_grid.z);
+const int x = int(threadgroup_position_in_grid.x);
 const int tid = int(thread_index_in_threadgroup);
 const int warp = tid / 32;
 const LaneCoord lc = lane_coord(tid % 32);
 
-const int H = params[0], HKV = params[1], NQ = params[2], NK = params[3];
-const Band band = Band::from(NQ, NK, params[4], params[5]);
-const float slope = ALIBI ? slopes[(params[7] != 0 ? b : 0) * H + h] : 0.0f;
-const Scores<SOFTCAP, ALIBI> sc = Scores<SOFTCAP, ALIBI>::from(fparams[0], fparams[2], fparams[3], slope, NK - NQ);
+const int H = params[kH], HKV = params[kHKV], NQ = params[kNQ], NK = params[kNK];
+// this tile's slot in dslopes_part: grid tiles per (batch, head)
+const int grid_tiles = VARLEN ? (NQ + params[kNumSeqs] * (BQ - 1)) / BQ : (NQ + BQ - 1) / BQ;
+const Segment sg = Segment::of<VARLEN>(x, b, params, sched);
+if (!sg.valid) {
+  if (ALIBI && tid == 0) dslopes_part[long(b * H + h) * grid_tiles + x] = 0.0f;
+  return;
+}
+const Band band = Band::from(sg.nq, sg.nk, params[kLeft], params[kRight]);
+const float slope = ALIBI ? slopes[(params[kSlopesPerRow] != 0 ? sg.seg : 0) * H + h] : 0.0f;
+const Scores<SOFTCAP, ALIBI> sc = Scores<SOFTCAP, ALIBI>::from(fparams[0], fparams[2], fparams[3], slope, sg.nk - sg.nq);
+const Dropout drop = Dropout::from(params, fparams[4], b * H + h);
 const float scale = fparams[1];
-const int nqt = (NQ + BQ - 1) / BQ;
-const int qt = band.right < kUnbounded ? nqt - 1 - int(threadgroup_position_in_grid.x)
-                                       : int(threadgroup_position_in_grid.x);
+const int nqt = (sg.nq + BQ - 1) / BQ;
+const int qt = band.right < kUnbounded ? nqt - 1 - sg.tile : sg.tile;
 const int q0 = qt * BQ;
-const int q1 = q0 + BQ < NQ ? q0 + BQ : NQ;
+const int q1 = q0 + BQ < sg.nq ? q0 + BQ : sg.nq;
 const int hk = h / (H / HKV);
 
 MFA_SHARED(smem, SMEM);
 MFA_TG T* sQ = reinterpret_cast<MFA_TG T*>(smem);
 MFA_TG T* sdO = sQ + BQ * LD;
 MFA_TG T* sKV = sdO + BQ * LD;  // STAGES x (K tile, V tile)
-MFA_DEV const T* Kg = k + long(b * HKV + hk) * NK * D;
-MFA_DEV const T* Vg = v + long(b * HKV + hk) * NK * D;
-const long row_base = long(b * H + h) * NQ + q0;
+MFA_DEV const T* Kg = k + (long(b * HKV + hk) * NK + sg.k_lo) * D;
+MFA_DEV const T* Vg = v + (long(b * HKV + hk) * NK + sg.k_lo) * D;
+const long row_base = long(b * H + h) * NQ + sg.q_lo + q0;
+const long bias_head = long(b) * params[kBiasStrideB] + long(h) * params[kBiasStrideH];
+const int bias_sq = params[kBiasStrideQ], bias_sk = params[kBiasStrideK];
+const bool dbias_unique = params[kBiasUnique] != 0;
 
 const int kv_lo = band.key_lo(q0), kv_hi = band.key_hi(q1);
 const int t_first = kv_lo / BK;
-const int ntiles = kv_hi > kv_lo ? (kv_hi + BK - 1) / BK - t_first : 0;
+int ntiles = kv_hi > kv_lo ? (kv_hi + BK - 1) / BK - t_first : 0;
+TileList<2> list;
+if (SPARSE) {
+  const int mask_row = (params[kMaskB] > 1 ? b : 0) * params[kMaskH] + (params[kMaskH] > 1 ? h : 0);
+  list = TileList<2>::at(sched, params[kMaskB] * params[kMaskH] * nqt, mask_row * nqt + qt);
+  ntiles = list.count;
+}
 
-copy_tile_async<BQ, D, NT>(sQ, LD, q + row_base * D, D, NQ - q0, tid);
-copy_tile_async<BQ, D, NT>(sdO, LD, dout + row_base * D, D, NQ - q0, tid);
+copy_tile_async<BQ, D, NT>(sQ, LD, q + row_base * D, D, sg.nq - q0, tid);
+copy_tile_async<BQ, D, NT>(sdO, LD, dout + row_base * D, D, sg.nq - q0, tid);
 mfa_async_commit();
 
 const int row0 = q0 + warp * WM;
 RowVec<WM> lse_rows, delta_rows;
-load_rows(lse_rows, lse + row_base + warp * WM, NQ - row0, 0.0f, lc);
-load_rows(delta_rows, delta + row_base + warp * WM, NQ - row0, 0.0f, lc);
+load_rows(lse_rows, lse + row_base + warp * WM, sg.nq - row0, 0.0f, lc);
+load_rows(delta_rows, delta + row_base + warp * WM, sg.nq - row0, 0.0f, lc);
 MFA_UNROLL
-for (int r = 0; r < RowVec<WM>::SIZE; ++r) lse_rows.v[r] *= 1.4426950408889634f;  // to log2 units
+for (int r = 0; r < RowVec<WM>::SIZE; ++r) {
+  // to log2 units; rows with nothing to attend (lse = -inf) get +inf, so P = 0 there
+  lse_rows.v[r] = lse_rows.v[r] == -MFA_INF ? MFA_INF : lse_rows.v[r] * 1.4426950408889634f;
+}
 
 Acc<WM, D> dq;
 dq.zero();
 float dslope = 0.0f;  // this thread's share of dL/dslope
+RowVec<WM> dbias_rows;  // DBIAS 2: this lane's share of dL/dbias per row
+MFA_UNROLL
+for (int r = 0; r < RowVec<WM>::SIZE; ++r) dbias_rows.v[r] = 0.0f;
 MFA_TG const T* sQw = sQ + warp * WM * LD;
 MFA_TG const T* sdOw = sdO + warp * WM * LD;
 
 for (int t = 1 - STAGES; t < ntiles; ++t) {
   const int tn = t + STAGES - 1;
   if (tn < ntiles) {
-    const int kn = (t_first + tn) * BK;
+    const int kn = (SPARSE ? list.get(tn, 0) : t_first + tn) * BK;
     MFA_TG T* dst = sKV + (tn % STAGES) * 2 * BK * LD;
-    copy_tile_async<BK, D, NT>(dst, LD, Kg + long(kn) * D, D, NK - kn, tid);
-    copy_tile_async<BK, D, NT>(dst + BK * LD, LD, Vg + long(kn) * D, D, NK - kn, tid);
+    copy_tile_async<BK, D, NT>(dst, LD, Kg + long(kn) * D, D, sg.nk - kn, tid);
+    copy_tile_async<BK, D, NT>(dst + BK * LD, LD, Vg + long(kn) * D, D, sg.nk - kn, tid);
   }
   mfa_async_commit();
   if (t < 0) continue;
@@ -78,7 +105,8 @@ for (int t = 1 - STAGES; t < ntiles; ++t) {
   mfa_barrier();
   MFA_TG const T* sK = sKV + (t % STAGES) * 2 * BK * LD;
   MFA_TG const T* sV = sK + BK * LD;
-  const int k0 = (t_first + t) * BK;
+  const int k0 = (SPARSE ? list.get(t, 0) : t_first + t) * BK;
+  const int partial = SPARSE ? list.get(t, 1) : -1;
 
   // dP = dout·vᵀ and the scores q·kᵀ
   Acc<WM, BK> ds, s;
@@ -87,20 +115,30 @@ for (int t = 1 - STAGES; t < ntiles; ++t) {
   s.zero();
   mma_abt<D>(s, sQw, LD, sK, LD, lc);
 
-  // P = exp2(s − lse) (zero outside the band), dS = P ∘ (dP − delta) · d(softcap)
+  // P = exp2(s − lse) (zero where masked), dS = P ∘ (dP ∘ Z − delta), dS_raw = dS ∘ d(softcap)
   const bool inside = band.inside(q0, q1, k0, k0 + BK);
   MFA_UNROLL
   for (int i = 0; i < Acc<WM, BK>::SIZE; ++i) {
     const int slot = Acc<WM, BK>::slot(i);
     const int r = row0 + Acc<WM, BK>::row(lc, i), j = k0 + Acc<WM, BK>::col(lc, i);
-    const bool keep = inside || band.keep(r, j);
-    const float p = keep ? mfa_exp2f(sc.log2_score(s.v[i], r, j) - lse_rows.v[slot]) : 0.0f;
-    const float g = p * (ds.v[i] - delta_rows.v[slot]);  // dL/d(score)
+    bool keep = inside || band.keep(r, j);
+    if (SPARSE && partial >= 0) keep = keep && tile_bit<BQ, BK>(bits, partial, r - q0, j - k0);
+    const long bias_at = bias_head + long(r) * bias_sq + long(j) * bias_sk;
+    float p = 0.0f;
+    if (keep) {
+      float xs = sc.log2_score(s.v[i], r, j);
+      if (BIAS) xs += 1.4426950408889634f * float(bias[bias_at]);
+      p = mfa_exp2f(xs - lse_rows.v[slot]);
+    }
+    const float dp = DROPOUT ? ds.v[i] * drop.factor(sg.q_lo + r, sg.k_lo + j) : ds.v[i];
+    const float g = p * (dp - delta_rows.v[slot]);  // dL/d(score)
     if (ALIBI) dslope += g * sc.alibi_grad(r, j);
+    if (DBIAS == 1 && r < sg.nq && j < sg.nk && (dbias_unique || keep)) dbias_add(dbias, bias_at, g, dbias_unique);
+    if (DBIAS == 2) dbias_rows.v[slot] += g;
     ds.v[i] = g * sc.cap_grad(s.v[i]);
   }
 
-  // dq += dS·k
+  // dq += dS_raw·k
   mma_ab<BK>(dq, ds, sK, LD, lc);
   mfa_barrier();
 }
@@ -108,7 +146,19 @@ mfa_async_wait<0>();
 
 MFA_UNROLL
 for (int i = 0; i < Acc<WM, D>::SIZE; ++i) dq.v[i] *= scale;
-store_acc(dq, dq_out + (row_base + warp * WM) * D, D, NQ - row0, lc);
+store_acc(dq, dq_out + (row_base + warp * WM) * D, D, sg.nq - row0, lc);
+
+if (DBIAS == 2) {
+  // bias broadcast over keys: one entry per query row, summed over this row's keys
+  reduce_rows(dbias_rows);
+  if (RowVec<WM>::writer(lc)) {
+    MFA_UNROLL
+    for (int s = 0; s < RowVec<WM>::SIZE; ++s) {
+      const int r = row0 + RowVec<WM>::row(lc, s);
+      if (r < sg.nq) dbias_add(dbias, bias_head + long(r) * bias_sq, dbias_rows.v[s], dbias_unique);
+    }
+  }
+}
 
 if (ALIBI) {
   // reduce dL/dslope over the threadgroup: lanes by shuffles, warps through shared memory
@@ -120,6 +170,6 @@ if (ALIBI) {
   if (tid == 0) {
     float total = 0.0f;
     for (int w = 0; w < NW; ++w) total += red[w];
-    dslopes_part[long(b * H + h) * nqt + qt] = total;
+    dslopes_part[long(b * H + h) * grid_tiles + x] = total;
   }
 }

@@ -1,19 +1,23 @@
-// attention_fwd: out = softmax(s)·v and lse = logsumexp(s), s = scale·q·kᵀ (optionally
-// softcapped), over the kept band of keys (FlashAttention-2 forward).
+// attention_fwd: out = softmax(s)·v and lse = logsumexp(s) over the kept keys (FlashAttention-2
+// forward), s = scale·q·kᵀ → softcap → − slope·|j − i'| → + bias, masked by the band, the
+// varlen sequence and the block-sparse pattern; dropout scales the weights of P·V only.
 //
 // Kernel body only (the `source` of mx.fast.metal_kernel / cuda_kernel); the dialect and the
-// tile API come from the header: a prelude, a fragment family, metal/tile.h and metal/band.h.
-// One threadgroup per (query tile, head, batch); NW warps, each owning BQ/NW query rows; the
-// loop visits only the key/value tiles that intersect the band of its query tile.
+// tile API come from the header: a prelude, a fragment family, metal/tile.h, metal/band.h and
+// metal/variants.h.  One threadgroup per (query tile, head, batch); NW warps, each owning BQ/NW
+// query rows; the loop visits only the key tiles of its band (or of its block-sparse list).
 //   inputs:   q (B, H, NQ, D), k (B, HKV, NK, D), v (B, HKV, NK, D) in T,
-//             params int32 [H, HKV, NQ, NK, LEFT, RIGHT, HAS_SINKS, SLOPES_PER_BATCH],
-//             fparams float32 (see band.h: Scores), sinks (H,) float32, slopes (1|B, H) float32
+//             params int32 (variants.h: Param), fparams float32 (band.h: Scores; [4] = 1/(1-p)),
+//             sinks (H,) float32, slopes (1|B|S, H) float32, bias (B|1, H|1, NQ|1, NK|1),
+//             sched int32 (varlen sequences or block-sparse lists), bits uint32 (partial tiles)
 //   outputs:  out (B, H, NQ, D) in T, lse (B, H, NQ) float32 (natural log; -inf on empty rows)
-//   template: T, D, BQ, BK, NW, STAGES (key/value tiles in flight), SMEM (shared bytes), SOFTCAP,
-//             ALIBI (0/1)
+//   template: T, D, BQ, BK, NW, STAGES (key/value tiles in flight), SMEM (shared bytes), the
+//             variant switches SOFTCAP, ALIBI, BIAS, VARLEN, SPARSE, DROPOUT (0/1), and EXACT
+//             (1: out written in float32 from an unrounded P, see mfa/kernels/attention.py)
 // Sinks enter the softmax denominator as one more logit per head: the running max and sum
 // start at (sink, 1) instead of (-inf, 0).
-//   grid (ceil(NQ/BQ)·32·NW, H, B), threadgroup (32·NW, 1, 1)
+//   grid (tiles·32·NW, H, B), threadgroup (32·NW, 1, 1); tiles = ceil(NQ/BQ), or for varlen the
+//   bound (NQ + S·(BQ − 1)) / BQ (threadgroups past the last tile return at once)
 using namespace mfa;
 constexpr int NT = 32 * NW;
 constexpr int WM = BQ / NW;  // query rows per warp
@@ -27,31 +31,42 @@ const int tid = int(thread_index_in_threadgroup);
 const int warp = tid / 32;
 const LaneCoord lc = lane_coord(tid % 32);
 
-const int H = params[0], HKV = params[1], NQ = params[2], NK = params[3];
-const Band band = Band::from(NQ, NK, params[4], params[5]);
-const bool has_sinks = params[6] != 0;
-const float slope = ALIBI ? slopes[(params[7] != 0 ? b : 0) * H + h] : 0.0f;
-const Scores<SOFTCAP, ALIBI> sc = Scores<SOFTCAP, ALIBI>::from(fparams[0], fparams[2], fparams[3], slope, NK - NQ);
+const int H = params[kH], HKV = params[kHKV], NQ = params[kNQ], NK = params[kNK];
+const Segment sg = Segment::of<VARLEN>(int(threadgroup_position_in_grid.x), b, params, sched);
+if (!sg.valid) return;
+const Band band = Band::from(sg.nq, sg.nk, params[kLeft], params[kRight]);
+const bool has_sinks = params[kHasSinks] != 0;
+const float slope = ALIBI ? slopes[(params[kSlopesPerRow] != 0 ? sg.seg : 0) * H + h] : 0.0f;
+const Scores<SOFTCAP, ALIBI> sc = Scores<SOFTCAP, ALIBI>::from(fparams[0], fparams[2], fparams[3], slope, sg.nk - sg.nq);
+const Dropout drop = Dropout::from(params, fparams[4], b * H + h);
 // causal-like bands: the longest query tiles (the last ones) start first, for load balance
-const int nqt = (NQ + BQ - 1) / BQ;
-const int qt = band.right < kUnbounded ? nqt - 1 - int(threadgroup_position_in_grid.x)
-                                       : int(threadgroup_position_in_grid.x);
+const int nqt = (sg.nq + BQ - 1) / BQ;
+const int qt = band.right < kUnbounded ? nqt - 1 - sg.tile : sg.tile;
 const int q0 = qt * BQ;
-const int q1 = q0 + BQ < NQ ? q0 + BQ : NQ;
+const int q1 = q0 + BQ < sg.nq ? q0 + BQ : sg.nq;
 const int hk = h / (H / HKV);  // GQA: the key/value head shared by this query head
 
 MFA_SHARED(smem, SMEM);
 MFA_TG T* sQ = reinterpret_cast<MFA_TG T*>(smem);
 MFA_TG T* sKV = sQ + BQ * LD;  // STAGES x (K tile, V tile)
-MFA_DEV const T* Kg = k + long(b * HKV + hk) * NK * D;
-MFA_DEV const T* Vg = v + long(b * HKV + hk) * NK * D;
+const long q_rows = long(b * H + h) * NQ + sg.q_lo;  // row 0 of this head's sequence
+MFA_DEV const T* Kg = k + (long(b * HKV + hk) * NK + sg.k_lo) * D;
+MFA_DEV const T* Vg = v + (long(b * HKV + hk) * NK + sg.k_lo) * D;
+const long bias_head = long(b) * params[kBiasStrideB] + long(h) * params[kBiasStrideH];
+const int bias_sq = params[kBiasStrideQ], bias_sk = params[kBiasStrideK];
 
-// Key tiles that intersect the band of this query tile.
+// Key tiles to visit: those intersecting the band of this query tile, or this tile's list.
 const int kv_lo = band.key_lo(q0), kv_hi = band.key_hi(q1);
 const int t_first = kv_lo / BK;
-const int ntiles = kv_hi > kv_lo ? (kv_hi + BK - 1) / BK - t_first : 0;
+int ntiles = kv_hi > kv_lo ? (kv_hi + BK - 1) / BK - t_first : 0;
+TileList<2> list;
+if (SPARSE) {
+  const int mask_row = (params[kMaskB] > 1 ? b : 0) * params[kMaskH] + (params[kMaskH] > 1 ? h : 0);
+  list = TileList<2>::at(sched, params[kMaskB] * params[kMaskH] * nqt, mask_row * nqt + qt);
+  ntiles = list.count;
+}
 
-copy_tile_async<BQ, D, NT>(sQ, LD, q + (long(b * H + h) * NQ + q0) * D, D, NQ - q0, tid);
+copy_tile_async<BQ, D, NT>(sQ, LD, q + (q_rows + q0) * D, D, sg.nq - q0, tid);
 mfa_async_commit();
 
 Acc<WM, D> o;
@@ -69,10 +84,10 @@ const int row0 = q0 + warp * WM;
 for (int t = 1 - STAGES; t < ntiles; ++t) {
   const int tn = t + STAGES - 1;
   if (tn < ntiles) {
-    const int kn = (t_first + tn) * BK;
+    const int kn = (SPARSE ? list.get(tn, 0) : t_first + tn) * BK;
     MFA_TG T* dst = sKV + (tn % STAGES) * 2 * BK * LD;
-    copy_tile_async<BK, D, NT>(dst, LD, Kg + long(kn) * D, D, NK - kn, tid);
-    copy_tile_async<BK, D, NT>(dst + BK * LD, LD, Vg + long(kn) * D, D, NK - kn, tid);
+    copy_tile_async<BK, D, NT>(dst, LD, Kg + long(kn) * D, D, sg.nk - kn, tid);
+    copy_tile_async<BK, D, NT>(dst + BK * LD, LD, Vg + long(kn) * D, D, sg.nk - kn, tid);
   }
   mfa_async_commit();
   if (t < 0) continue;
@@ -80,9 +95,10 @@ for (int t = 1 - STAGES; t < ntiles; ++t) {
   mfa_barrier();
   MFA_TG const T* sK = sKV + (t % STAGES) * 2 * BK * LD;
   MFA_TG const T* sV = sK + BK * LD;
-  const int k0 = (t_first + t) * BK;
+  const int k0 = (SPARSE ? list.get(t, 0) : t_first + t) * BK;
+  const int partial = SPARSE ? list.get(t, 1) : -1;
 
-  // scores s = q·kᵀ in log2 units, -inf outside the band (per element only on edge tiles)
+  // scores s = q·kᵀ in log2 units, -inf where masked (per element only on edge/partial tiles)
   Acc<WM, BK> s;
   s.zero();
   mma_abt<D>(s, sQw, LD, sK, LD, lc);
@@ -90,7 +106,14 @@ for (int t = 1 - STAGES; t < ntiles; ++t) {
   MFA_UNROLL
   for (int i = 0; i < Acc<WM, BK>::SIZE; ++i) {
     const int r = row0 + Acc<WM, BK>::row(lc, i), j = k0 + Acc<WM, BK>::col(lc, i);
-    s.v[i] = inside || band.keep(r, j) ? sc.log2_score(s.v[i], r, j) : -MFA_INF;
+    bool keep = inside || band.keep(r, j);
+    if (SPARSE && partial >= 0) keep = keep && tile_bit<BQ, BK>(bits, partial, r - q0, j - k0);
+    float x = -MFA_INF;
+    if (keep) {
+      x = sc.log2_score(s.v[i], r, j);
+      if (BIAS) x += 1.4426950408889634f * float(bias[bias_head + long(r) * bias_sq + long(j) * bias_sk]);
+    }
+    s.v[i] = x;
   }
 
   // online softmax: new running max, rescale factor of the previous tiles
@@ -113,8 +136,16 @@ for (int t = 1 - STAGES; t < ntiles; ++t) {
   MFA_UNROLL
   for (int i = 0; i < Acc<WM, D>::SIZE; ++i) o.v[i] *= alpha.v[Acc<WM, D>::slot(i)];
 
-  // o += p·v
-  mma_ab<BK>(o, s, sV, LD, lc);
+  // dropout: the weights of P·V (not of the softmax sum) keep 1/(1-p) or drop to 0
+  if (DROPOUT) {
+    MFA_UNROLL
+    for (int i = 0; i < Acc<WM, BK>::SIZE; ++i)
+      s.v[i] *= drop.factor(sg.q_lo + row0 + Acc<WM, BK>::row(lc, i), sg.k_lo + k0 + Acc<WM, BK>::col(lc, i));
+  }
+
+  // o += p·v (EXACT: p kept to float32 accuracy, so that the backward's delta = rowsum(dO·O)
+  // agrees with its recomputed P)
+  mma_ab<BK, EXACT>(o, s, sV, LD, lc);
   mfa_barrier();  // this stage's buffers may now be refilled
 }
 mfa_async_wait<0>();
@@ -129,6 +160,6 @@ for (int r = 0; r < RowVec<WM>::SIZE; ++r) {
 }
 MFA_UNROLL
 for (int i = 0; i < Acc<WM, D>::SIZE; ++i) o.v[i] *= inv.v[Acc<WM, D>::slot(i)];
-const int rows_valid = NQ - row0;
-store_acc(o, out + (long(b * H + h) * NQ + row0) * D, D, rows_valid, lc);
-store_rows(lse_rows, lse + long(b * H + h) * NQ + row0, rows_valid, lc);
+const int rows_valid = sg.nq - row0;
+store_acc(o, out + (q_rows + row0) * D, D, rows_valid, lc);
+store_rows(lse_rows, lse + q_rows + row0, rows_valid, lc);

@@ -8,6 +8,8 @@
 namespace mfa {
 
 enum : int { kFragRows = 16 };
+// Lane masks whose shuffles reach the four lanes that share an accumulator row.
+enum : int { kRowXor0 = 1, kRowXor1 = 2 };
 
 struct LaneCoord {
   int lane, r, c;  // lane, and the (row, col) of its first element in every fragment
@@ -106,14 +108,15 @@ MFA_FUNC void mma_abt(MFA_THR Acc<M, N>& c, MFA_TG const T* a, int lda, MFA_TG c
 }
 
 // c (M x N) += p (M x K accumulator of this warp, rounded to T) * b, b (K x N) row-major.
-template <int K, int M, int N, typename T>
+// SPLIT = 1 keeps p to about float32 accuracy: p = hi + lo with hi, lo in T, two products.
+template <int K, int SPLIT = 0, int M, int N, typename T>
 MFA_FUNC void mma_ab(MFA_THR Acc<M, N>& c, MFA_THR const Acc<M, K>& p, MFA_TG const T* b, int ldb,
                      LaneCoord lc) {
   static_assert(N % 16 == 0 && K % 16 == 0, "mma_ab needs N and K multiples of 16");
   const int l = lc.lane;
   MFA_UNROLL
   for (int kk = 0; kk < K / 16; ++kk) {
-    unsigned fa[M / 16][4];
+    unsigned fa[M / 16][4], fr[M / 16][4];
     MFA_UNROLL
     for (int fi = 0; fi < M / 16; ++fi) {
       // accumulator fragments (fi, 2kk) and (fi, 2kk+1) are the A fragment's k halves
@@ -123,6 +126,12 @@ MFA_FUNC void mma_ab(MFA_THR Acc<M, N>& c, MFA_THR const Acc<M, K>& p, MFA_TG co
       fa[fi][1] = mfa_pack2<T>(lo[2], lo[3]);
       fa[fi][2] = mfa_pack2<T>(hi[0], hi[1]);
       fa[fi][3] = mfa_pack2<T>(hi[2], hi[3]);
+      if (SPLIT) {  // the rounding residuals
+        fr[fi][0] = mfa_pack2<T>(lo[0] - mfa_round<T>(lo[0]), lo[1] - mfa_round<T>(lo[1]));
+        fr[fi][1] = mfa_pack2<T>(lo[2] - mfa_round<T>(lo[2]), lo[3] - mfa_round<T>(lo[3]));
+        fr[fi][2] = mfa_pack2<T>(hi[0] - mfa_round<T>(hi[0]), hi[1] - mfa_round<T>(hi[1]));
+        fr[fi][3] = mfa_pack2<T>(hi[2] - mfa_round<T>(hi[2]), hi[3] - mfa_round<T>(hi[3]));
+      }
     }
     MFA_UNROLL
     for (int fj = 0; fj < N / 8; fj += 2) {
@@ -133,6 +142,10 @@ MFA_FUNC void mma_ab(MFA_THR Acc<M, N>& c, MFA_THR const Acc<M, K>& p, MFA_TG co
       for (int fi = 0; fi < M / 16; ++fi) {
         mfa_mma16816<T>(c.v + (fi * (N / 8) + fj) * 4, fa[fi], fb);
         mfa_mma16816<T>(c.v + (fi * (N / 8) + fj + 1) * 4, fa[fi], fb + 2);
+        if (SPLIT) {
+          mfa_mma16816<T>(c.v + (fi * (N / 8) + fj) * 4, fr[fi], fb);
+          mfa_mma16816<T>(c.v + (fi * (N / 8) + fj + 1) * 4, fr[fi], fb + 2);
+        }
       }
     }
   }

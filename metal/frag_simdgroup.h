@@ -8,6 +8,8 @@
 namespace mfa {
 
 enum : int { kFragRows = 8 };
+// Lane masks whose shuffles reach the four lanes that share an accumulator row.
+enum : int { kRowXor0 = 1, kRowXor1 = 8 };
 
 struct LaneCoord {
   int lane, r, c;  // lane, and the (row, col) of its first element in every fragment
@@ -110,7 +112,8 @@ MFA_FUNC void mma_abt(MFA_THR Acc<M, N>& c, MFA_TG const T* a, int lda, MFA_TG c
 }
 
 // c (M x N) += p (M x K accumulator of this warp) * b, b (K x N) row-major in threadgroup memory.
-template <int K, int M, int N, typename T>
+// p stays float32 here, so SPLIT (see frag_mma.h) changes nothing.
+template <int K, int SPLIT = 0, int M, int N, typename T>
 MFA_FUNC void mma_ab(MFA_THR Acc<M, N>& c, MFA_THR const Acc<M, K>& p, MFA_TG const T* b, int ldb,
                      LaneCoord lc) {
   MFA_UNROLL

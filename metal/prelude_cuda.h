@@ -27,6 +27,7 @@ MFA_FUNC float mfa_exp2f(float x) {
 MFA_FUNC float mfa_log2f(float x) { return log2f(x); }
 MFA_FUNC float mfa_fmaxf(float a, float b) { return fmaxf(a, b); }
 MFA_FUNC float mfa_tanhf(float x) { return tanhf(x); }
+MFA_FUNC void mfa_atomic_add(float* p, float v) { atomicAdd(p, v); }
 
 MFA_FUNC unsigned mfa_smem_addr(const void* p) {
   return static_cast<unsigned>(__cvta_generic_to_shared(p));
@@ -55,6 +56,18 @@ template <>
 MFA_FUNC unsigned mfa_pack2<__half>(float lo, float hi) {
   __half2 v = __floats2half2_rn(lo, hi);
   return *reinterpret_cast<unsigned*>(&v);
+}
+
+// x rounded to T (round to nearest even), as a float.
+template <typename T>
+MFA_FUNC float mfa_round(float x);
+template <>
+MFA_FUNC float mfa_round<__nv_bfloat16>(float x) {
+  return __bfloat162float(__float2bfloat16_rn(x));
+}
+template <>
+MFA_FUNC float mfa_round<__half>(float x) {
+  return __half2float(__float2half_rn(x));
 }
 
 // d[0..3] += A(16x16) * B(16x8), fp32 accumulate.

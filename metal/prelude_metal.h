@@ -22,6 +22,9 @@ MFA_FUNC float mfa_exp2f(float x) { return metal::exp2(x); }
 MFA_FUNC float mfa_log2f(float x) { return metal::log2(x); }
 MFA_FUNC float mfa_fmaxf(float a, float b) { return metal::max(a, b); }
 MFA_FUNC float mfa_tanhf(float x) { return metal::precise::tanh(x); }
+MFA_FUNC void mfa_atomic_add(device float* p, float v) {
+  atomic_fetch_add_explicit(reinterpret_cast<device atomic_float*>(p), v, memory_order_relaxed);
+}
 
 // Copy 16 bytes from device to threadgroup memory (zeros when !valid).  Metal has no
 // asynchronous copy here: the copy is immediate and commit/wait do nothing.

@@ -13,22 +13,49 @@ from pathlib import Path
 import mlx.core as mx
 import pytest
 
+from mfa import BlockMask
 from mfa.kernels import attention, emulator, offline, sources
 from mfa.ops.spec import AttentionInputs, AttentionSpec
 
 STUB = sources.kernel_dir() / "stub"
 
 
-def metal_sources(capfd, dtype, D, causal=True):
-    spec = AttentionSpec(scale=0.125, causal=causal)
+def variant_call(name: str, dtype, D: int):
+    """``(spec, inputs)`` of a call that switches on the named variant of the kernels."""
+    q = mx.zeros((2, 4, 33, D), dtype)
+    k = mx.zeros((2, 2, 40, D), dtype)
+    if name == "plain":
+        return AttentionSpec(scale=0.125, causal=True), AttentionInputs(q, k, k)
+    if name == "everything":  # full bias, softcap, alibi, sinks, dropout, window
+        spec = AttentionSpec(scale=0.125, causal=True, window=(9, -1), softcap=5.0, dropout_p=0.1, has_bias=True,
+                             has_alibi=True, has_sinks=True)
+        return spec, AttentionInputs(q, k, k, mx.zeros((2, 4, 33, 40), dtype), mx.ones((2, 4)), mx.ones((4,)))
+    if name.startswith("bias"):  # the dbias reductions: over keys, over rows, over both
+        shape = {"bias_rows": (1, 4, 33, 1), "bias_keys": (2, 1, 1, 40), "bias_scalar": (1, 1, 1, 1)}[name]
+        return AttentionSpec(scale=0.125, has_bias=True), AttentionInputs(q, k, k, mx.zeros(shape, mx.float32))
+    if name == "varlen":
+        cu_q, cu_k = mx.array([0, 13, 13, 33]), mx.array([0, 20, 31, 40])
+        spec = AttentionSpec(scale=0.125, causal=True, varlen=True, has_alibi=True)
+        return spec, AttentionInputs(q[:1], k[:1], k[:1], None, mx.ones((3, 4)), None, cu_q, cu_k)
+    if name == "sparse":
+        mask = BlockMask.from_mask_mod(lambda b, h, i, j: (j <= i) & (j % 3 != 1), 1, 4, 33, 40, block_size=16)
+        return AttentionSpec(scale=0.125, block_mask=mask, dropout_p=0.3), AttentionInputs(q, k, k)
+    raise ValueError(name)
+
+
+VARIANTS = ["plain", "everything", "bias_rows", "bias_keys", "bias_scalar", "varlen", "sparse"]
+
+
+def metal_sources(capfd, dtype, D, variant="plain"):
+    spec, inputs = variant_call(variant, dtype, D)
 
     def fn(q, k, v, dout):
-        inputs = AttentionInputs(q, k, v)
-        out, lse = attention.forward("metal", spec, inputs)
-        return (out, lse, *attention.backward("metal", spec, inputs, out, lse, dout, None).arrays())
+        call = inputs._replace(q=q, k=k, v=v)
+        out, lse = attention.forward("metal", spec, call)
+        grads = attention.backward("metal", spec, call, out, lse, dout, None)
+        return (out, lse, *[g for g in grads.arrays() if g.dtype != mx.int32])
 
-    q = mx.zeros((1, 2, 33, D), dtype)
-    k = mx.zeros((1, 1, 40, D), dtype)
+    q, k = inputs.q, inputs.k
     return offline.trace_metal_sources(fn, q, k, k, q, read_stdout=lambda: capfd.readouterr().out)
 
 
@@ -55,6 +82,16 @@ def test_generated_metal_sources_compile_against_stub(capfd, tmp_path, dtype, D)
 
 
 @needs_cxx
+@pytest.mark.parametrize("variant", VARIANTS[1:])
+def test_generated_metal_variant_sources_compile_against_stub(capfd, tmp_path, variant):
+    found = metal_sources(capfd, mx.bfloat16, 64, variant)
+    assert set(found) == set(sources.KERNELS)
+    for name in ("attention_fwd", "attention_bwd_dq", "attention_bwd_dkdv"):
+        result = gxx_check(found[name], tmp_path)
+        assert result.returncode == 0, f"{name}:\n{result.stderr[-4000:]}"
+
+
+@needs_cxx
 def test_metal_check_catches_a_broken_body(capfd, tmp_path):
     source = metal_sources(capfd, mx.float16, 64)["attention_fwd"]
     broken = source.replace("row_max(s, m_tile);", "row_max(s, m_tile)")
@@ -67,17 +104,16 @@ def test_metal_check_catches_a_broken_body(capfd, tmp_path):
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
 def test_cuda_sources_compile_with_nvcc(tmp_path):
-    spec = AttentionSpec(scale=0.1, causal=True)
-
-    def fn(q, k, v):
-        inputs = AttentionInputs(q, k, v)
-        out, lse = attention.forward("cuda", spec, inputs)
-        attention.backward("cuda", spec, inputs, out, lse, out, None)
-
     calls = []
-    for dtype, D in ((mx.bfloat16, 128), (mx.float16, 64)):
-        q = mx.zeros((1, 2, 40, D), dtype)
-        calls += offline.record_cuda_launches(fn, q, q, q)
+    for variant, dtype, D in [("plain", mx.bfloat16, 128), ("plain", mx.float16, 64)] + [
+            (v, mx.bfloat16, 64) for v in VARIANTS[1:]]:
+        spec, inputs = variant_call(variant, dtype, D)
+
+        def fn():
+            out, lse = attention.forward("cuda", spec, inputs)
+            attention.backward("cuda", spec, inputs, out, lse, out.astype(dtype), None)
+
+        calls += offline.record_cuda_launches(fn)
     assert {c[0] for c in calls} == set(sources.KERNELS)
     functions = [offline.cuda_kernel_source(*c, function_name=f"custom_kernel_{c[0]}_{i}") for i, c in enumerate(calls)]
     path = tmp_path / "kernels.cu"

@@ -5,11 +5,12 @@ is present (this suite then runs on the GPU machine: see the README's developer 
 """
 
 import mlx.core as mx
+import numpy as np
 import pytest
 from conftest import random_qkv
-from test_kernels_emulator import check, check_alibi_and_sinks
+from test_kernels_emulator import check
 
-from mfa import kernels
+from mfa import BlockMask, kernels
 
 TARGETS = [t for t in ("cuda", "metal") if kernels.is_available(t)]
 pytestmark = pytest.mark.skipif(not TARGETS, reason="no GPU target (cuda/metal) on this machine")
@@ -28,11 +29,12 @@ def test_lengths_and_causal(target, causal, Nq, Nk):
 
 
 @pytest.mark.parametrize(
-    "D,dtype",
-    [(D, mx.bfloat16) for D in (32, 64, 80, 96, 128, 192, 256)] + [(64, mx.float16), (128, mx.float16)],
+    "D,Dv,dtype",
+    [(D, D, mx.bfloat16) for D in (32, 64, 80, 96, 128, 192, 256)]
+    + [(64, 64, mx.float16), (128, 128, mx.float16), (128, 64, mx.bfloat16)],
 )
-def test_head_dims_and_dtypes(target, D, dtype):
-    q, k, v = random_qkv(1, 4, 1, 333, 444, D, dtype=dtype, seed=D)
+def test_head_dims_and_dtypes(target, D, Dv, dtype):
+    q, k, v = random_qkv(1, 4, 1, 333, 444, D, Dv, dtype=dtype, seed=D)
     check(q, k, v, causal=True, target=target)
 
 
@@ -47,4 +49,33 @@ def test_alibi_and_sinks(target, slopes_shape, with_sinks):
     q, k, v = random_qkv(2, 4, 2, 600, 555, 64, dtype=mx.bfloat16, seed=23)
     slopes = None if slopes_shape is None else mx.random.uniform(0.05, 0.5, slopes_shape, key=mx.random.key(4))
     sinks = mx.array([0.5, -1.0, 2.0, 0.0]) if with_sinks else None
-    check_alibi_and_sinks(q, k, v, slopes, sinks, target=target, window=(300, -1))
+    check(q, k, v, True, target=target, scale=0.2, window=(300, -1), slopes=slopes, sinks=sinks)
+
+
+@pytest.mark.parametrize("shape", [(2, 4, 600, 555), (1, 4, 600, 555), (2, 4, 600, 1), (2, 1, 1, 555),
+                                   (1, 1, 1, 1)])
+def test_bias_and_dbias(target, shape):
+    q, k, v = random_qkv(2, 4, 2, 600, 555, 64, dtype=mx.bfloat16, seed=29)
+    bias = mx.random.normal(shape, key=mx.random.key(5)).astype(mx.bfloat16)
+    check(q, k, v, True, target=target, window=(200, -1), bias=bias)
+
+
+@pytest.mark.parametrize("lengths", [[700, 0, 65, 1, 300], [128, 256, 0, 64]])
+def test_varlen(target, lengths):
+    lengths_k = [n + 17 * (i % 2) for i, n in enumerate(lengths)]
+    q, k, v = random_qkv(1, 4, 2, sum(lengths), sum(lengths_k), 64, dtype=mx.bfloat16, seed=len(lengths))
+    slopes = mx.random.uniform(0.05, 0.3, (len(lengths), 4), key=mx.random.key(6))
+    check(q, k, v, True, target=target, window=(150, 0), slopes=slopes, lengths=(lengths, lengths_k))
+
+
+def test_block_sparse(target):
+    N = 1000
+    doc = mx.array(np.repeat(np.arange(5), [300, 100, 250, 50, 300]).astype(np.int32))
+    mask = BlockMask.from_mask_mod(lambda b, h, i, j: (doc[i] == doc[j]) & (j <= i + h), 1, 4, N, N, block_size=128)
+    q, k, v = random_qkv(2, 4, 2, N, N, 64, dtype=mx.bfloat16, seed=31)
+    check(q, k, v, target=target, block_mask=mask)
+
+
+def test_dropout(target):
+    q, k, v = random_qkv(2, 4, 2, 500, 700, 64, dtype=mx.bfloat16, seed=37)
+    check(q, k, v, True, target=target, dropout_p=0.2, dropout_seed=99)

@@ -129,6 +129,20 @@ inline T max(T a, T b) { return a > b ? a : b; }
 template <typename T>
 inline T min(T a, T b) { return a < b ? a : b; }
 
+// Device atomics (relaxed order only); threadgroups run one at a time here.
+enum memory_order { memory_order_relaxed };
+template <typename T>
+struct atomic {
+  T value;
+};
+typedef atomic<float> atomic_float;
+template <typename T>
+inline T atomic_fetch_add_explicit(atomic<T>* object, T operand, memory_order) {
+  T old = object->value;
+  object->value = old + operand;
+  return old;
+}
+
 namespace fast {
 using std::exp2;
 using std::log2;

@@ -32,6 +32,12 @@ inline unsigned mfa_pack2(float lo, float hi) {
   return unsigned(x) | (unsigned(y) << 16);
 }
 
+// x rounded to T (round to nearest even), as a float.
+template <typename T>
+inline float mfa_round(float x) {
+  return float(T(x));
+}
+
 // d[0..3] += A(16x16) * B(16x8): mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}.
 // a: rows g and g+8, k pairs (2q, 2q+1) and (2q+8, 2q+9) with g = lane/4, q = lane%4;
 // b: k pairs (2q, 2q+1) and (2q+8, 2q+9) of column g; d: rows g, g+8, columns 2q, 2q+1.

@@ -13,7 +13,6 @@ The router calls `is_available`, `unsupported_reason`, `forward` and `backward`.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Optional, Tuple
 
 import mlx.core as mx
@@ -42,19 +41,16 @@ def is_available(target: str) -> bool:
 def unsupported_reason(target: str, spec: AttentionSpec, inputs: AttentionInputs) -> Optional[str]:
     """Why `target`'s kernels cannot run this call, or None when they can.
 
+    Every option runs natively; what remains are limits of the hardware and of the emulator.
     The router falls back to the ``tiled`` backend when a reason is returned.
     """
     _check_target(target)
-    if not dataclasses.replace(spec, causal=False, window=None, softcap=None, has_alibi=False, has_sinks=False).is_plain:
-        return "native kernels cover dense attention with causal, window, softcap, alibi and sinks only"
     q, k, v = inputs.q, inputs.k, inputs.v
     B, H, Nq, D = q.shape
-    Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
-    if Dv != D:
-        return f"native kernels need Dv == D, got {D=}, {Dv=}"
-    d = padded_head_dim(D)
+    Nk, Dv = k.shape[2], v.shape[3]
+    d = padded_head_dim(max(D, Dv))
     if d is None:
-        return f"head dim {D=} exceeds 256"
+        return f"head dims {D=}, {Dv=} exceed 256"
     if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (mx.float16, mx.bfloat16, mx.float32):
         return f"native kernels take one float dtype for q, k, v, got {q.dtype}, {k.dtype}, {v.dtype}"
     arch = build.arch_of(target)
@@ -63,6 +59,8 @@ def unsupported_reason(target: str, spec: AttentionSpec, inputs: AttentionInputs
     blocks = attention.block_sizes(target, d, q.dtype)
     if blocks.fwd is None or blocks.dq is None or blocks.dkdv is None:
         return f"no tile of D={d} {q.dtype} fits the {arch} threadgroup memory"
+    if inputs.bias is not None and inputs.bias.size >= 2**31:
+        return f"a bias of {inputs.bias.size} elements: the kernels read it with int32 strides (< 2^31)"
     if target == "emulator" and B * H * Nq * Nk > EMULATOR_MAX_SCORES:
         return f"the emulator is for small shapes (B·H·Nq·Nk = {B * H * Nq * Nk} > {EMULATOR_MAX_SCORES})"
     return None
@@ -73,12 +71,13 @@ def forward(target: str, spec: AttentionSpec, inputs: AttentionInputs) -> Tuple[
 
     Args:
         target: one of `TARGETS`.
-        spec: the static options (causal, window, softcap, alibi, sinks; see `unsupported_reason`).
-        inputs: q ``(B, H, Nq, D)``, k, v ``(B, Hkv, Nk, D)``, optional alibi_slopes ``(1|B, H)``
-            and sinks ``(H,)``.
+        spec: the static options (every option of `AttentionSpec`).
+        inputs: q ``(B, H, Nq, D)``, k ``(B, Hkv, Nk, D)``, v ``(B, Hkv, Nk, Dv)`` and the
+            optional bias, alibi_slopes, sinks and cu_seqlens (see `attention.forward`).
 
     Returns:
-        ``(out, lse)``: out ``(B, H, Nq, D)`` in q's dtype; lse ``(B, H, Nq)`` float32.
+        ``(out, lse)``: out ``(B, H, Nq, Dv)`` in q's dtype (float32 for the calls whose backward
+        needs it exact: see `attention.exact_out`); lse ``(B, H, Nq)`` float32.
     """
     _check_target(target)
     reason = unsupported_reason(target, spec, inputs)
@@ -99,8 +98,8 @@ def backward(target: str, spec: AttentionSpec, inputs: AttentionInputs, out: mx.
             ``dS = P ∘ (dP − (delta − dlse))``.
 
     Returns:
-        `AttentionGrads` with dq, dk, dv shaped and typed like q, k, v, and dalibi_slopes / dsinks
-        when those inputs are given.
+        `AttentionGrads` with dq, dk, dv shaped and typed like q, k, v, and dbias /
+        dalibi_slopes / dsinks (reduced to their inputs' shapes) when those inputs are given.
     """
     _check_target(target)
     reason = unsupported_reason(target, spec, inputs)

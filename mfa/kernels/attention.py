@@ -1,12 +1,14 @@
 """Launchers of the attention kernels (forward, and the FlashAttention-2 backward).
 
-Options handled natively: causal and sliding window (a band of kept keys, with tile skipping),
-softcap, ALiBi (slopes ``(1|B, H)``, with their gradient) and sinks (``(H,)``, with theirs).
+Every option of `AttentionSpec` runs natively: causal and sliding window (a band of kept keys,
+with tile skipping), softcap, ALiBi (slopes ``(1|B, H)``, or ``(S, H)`` per varlen sequence,
+with their gradient), sinks (``(H,)``, with theirs), an additive bias broadcast in any axis (with
+dbias), varlen (one launch over all sequences), block-sparse masks and dropout.
 
 The same code drives every target: the kernel objects of `build.kernel` share one call
-interface.  Head dims are zero-padded up to a compiled one (padding q and k adds nothing to
-q·kᵀ; padded v columns are sliced off), and tiny arrays are padded to 8 elements so that Metal
-binds every buffer in the device address space.
+interface.  Head dims are zero-padded up to a compiled one, ``max(D, Dv)`` (padding q and k adds
+nothing to q·kᵀ; padded v columns are sliced off), and tiny arrays are padded to 8 elements so
+that Metal binds every buffer in the device address space.
 """
 
 from __future__ import annotations
@@ -19,13 +21,17 @@ from typing import Optional, Tuple
 
 import mlx.core as mx
 
-from mfa.kernels import build
+from mfa.kernels import build, sparse
 from mfa.kernels.blocks import BlockSizes, Tiles, padded_head_dim, shared_bytes
 from mfa.ops.spec import AttentionGrads, AttentionInputs, AttentionSpec
 
 LOG2E = math.log2(math.e)
 PREPROCESS_ROWS = 16  # rows per threadgroup of the backward preprocess (4 warps x 4 rows)
-UNBOUNDED = 1 << 30  # band side without a bound (metal/band.h: kUnbounded)
+UNBOUNDED = sparse.UNBOUNDED  # band side without a bound (metal/band.h: kUnbounded)
+
+# dbias modes (the DBIAS template value): which kernel reduces dS to the bias's shape
+DBIAS_ELEMENTS, DBIAS_ROWS, DBIAS_KEYS, DBIAS_SCALAR = 1, 2, 3, 4
+DQ_MODES, DKDV_MODES = (DBIAS_ELEMENTS, DBIAS_ROWS), (DBIAS_KEYS, DBIAS_SCALAR)
 
 
 def _verbose() -> bool:
@@ -45,29 +51,16 @@ def _pad_head(x: mx.array, d: int) -> mx.array:
 
 
 @functools.lru_cache(maxsize=256)
-def _params(H: int, Hkv: int, Nq: int, Nk: int, left: int, right: int, sinks: bool, slopes_per_batch: bool
-            ) -> mx.array:
-    """Runtime sizes and flags of a call (made once per shape: a fresh array costs a host-to-device copy)."""
-    p = mx.array([H, Hkv, Nq, Nk, left, right, int(sinks), int(slopes_per_batch)], dtype=mx.int32)
+def _constant(values: Tuple, dtype: mx.Dtype) -> mx.array:
+    """A small constant buffer (made once per value: a fresh array costs a host-to-device copy)."""
+    p = mx.array(list(values), dtype=dtype)
     mx.eval(p)
     return p
 
 
-@functools.lru_cache(maxsize=256)
-def _fparams(scale: float, softcap: Optional[float]) -> mx.array:
-    """[scale·log2(e), scale, softcap·log2(e), scale/softcap] (zeros without softcap)."""
-    cap = [softcap * LOG2E, scale / softcap] if softcap else [0.0, 0.0]
-    p = mx.array([scale * LOG2E, scale, *cap, 0, 0, 0, 0], dtype=mx.float32)
-    mx.eval(p)
-    return p
-
-
-@functools.lru_cache(maxsize=1)
-def _nothing() -> mx.array:
-    """Stand-in buffer for absent sinks / slopes (the kernels' signatures are fixed)."""
-    p = mx.zeros((8,), mx.float32)
-    mx.eval(p)
-    return p
+def _nothing(dtype: mx.Dtype = mx.float32) -> mx.array:
+    """Stand-in buffer for an absent input (the kernels' signatures are fixed)."""
+    return _constant((0,) * 8, dtype)
 
 
 def band_bounds(causal: bool, window: Optional[Tuple[int, int]]) -> Tuple[int, int]:
@@ -80,16 +73,82 @@ def band_bounds(causal: bool, window: Optional[Tuple[int, int]]) -> Tuple[int, i
     return left, right
 
 
-def _call_arrays(spec: AttentionSpec, inputs: AttentionInputs):
-    """params, fparams, sinks and slopes buffers of a call."""
-    B, H, Nq, _ = inputs.q.shape
-    Hkv, Nk = inputs.k.shape[1], inputs.k.shape[2]
-    slopes = inputs.alibi_slopes
-    per_batch = slopes is not None and slopes.ndim == 2 and slopes.shape[0] != 1
-    params = _params(H, Hkv, Nq, Nk, *band_bounds(spec.causal, spec.window), inputs.sinks is not None, per_batch)
-    sinks = _nothing() if inputs.sinks is None else inputs.sinks.astype(mx.float32)
-    slopes = _nothing() if slopes is None else slopes.astype(mx.float32).reshape(-1)
-    return params, _fparams(spec.scale, spec.softcap), sinks, slopes
+def _int32(x: int) -> int:
+    """The int32 with the bit pattern of ``x mod 2^32``."""
+    x &= 0xFFFFFFFF
+    return x - (1 << 32) if x >= 1 << 31 else x
+
+
+@dataclasses.dataclass(frozen=True)
+class BiasLayout:
+    """How a bias ``(Bb, Hb, Qb, Kb)`` is read and how its gradient is reduced.
+
+    Attributes:
+        strides: element strides (b, h, q, k) of the contiguous bias, 0 on broadcast axes.
+        mode: DBIAS_ELEMENTS / DBIAS_ROWS (reduced by the dq kernel: the bias has every query
+            row) or DBIAS_KEYS / DBIAS_SCALAR (by the dk/dv kernel: broadcast over rows).
+        unique: every dbias entry has one writer (plain stores in the bias's dtype) rather than
+            several (float32 atomic adds).
+    """
+
+    strides: Tuple[int, int, int, int]
+    mode: int
+    unique: bool
+
+    @staticmethod
+    def of(shape, B: int, H: int, Hkv: int, Nq: int, Nk: int) -> "BiasLayout":
+        Bb, Hb, Qb, Kb = shape
+        strides = (Hb * Qb * Kb if Bb > 1 else 0, Qb * Kb if Hb > 1 else 0, Kb if Qb > 1 else 0, 1 if Kb > 1 else 0)
+        rows, keys = Qb == Nq, Kb == Nk
+        if rows:
+            mode = DBIAS_ELEMENTS if keys else DBIAS_ROWS
+            unique = Bb == B and Hb == H
+        else:
+            mode = DBIAS_KEYS if keys else DBIAS_SCALAR
+            # a dk/dv threadgroup sums the heads of its group: alone only with one key/value head
+            unique = mode == DBIAS_KEYS and Bb == B and (Hb == H or Hkv == 1)
+        return BiasLayout(strides, mode, unique)
+
+
+@dataclasses.dataclass
+class Call:
+    """The per-call buffers shared by the kernels of one forward or backward."""
+
+    params: mx.array
+    fparams: mx.array
+    sinks: mx.array
+    slopes: mx.array
+    bias: mx.array
+    bias_layout: Optional[BiasLayout]
+
+    @staticmethod
+    def of(spec: AttentionSpec, inputs: AttentionInputs) -> "Call":
+        B, H, Nq, _ = inputs.q.shape
+        Hkv, Nk = inputs.k.shape[1], inputs.k.shape[2]
+        slopes = inputs.alibi_slopes
+        per_row = slopes is not None and slopes.ndim == 2 and slopes.shape[0] != 1
+        layout = None
+        if inputs.bias is not None:
+            layout = BiasLayout.of(inputs.bias.shape, B, H, Hkv, Nq, Nk)
+        strides = layout.strides if layout else (0, 0, 0, 0)
+        mask = spec.block_mask
+        mask_b, mask_h = mask.active.shape[:2] if mask is not None else (1, 1)
+        num_seqs = inputs.cu_seqlens_q.shape[0] - 1 if spec.varlen else 0
+        threshold = int(round(spec.dropout_p * (1 << 24)))
+        params = _constant((H, Hkv, Nq, Nk, *band_bounds(spec.causal, spec.window), int(inputs.sinks is not None),
+                            int(per_row), threshold, _int32(spec.dropout_seed), *strides,
+                            int(bool(layout and layout.unique)), num_seqs, mask_b, mask_h), mx.int32)
+        cap = [spec.softcap * LOG2E, spec.scale / spec.softcap] if spec.softcap else [0.0, 0.0]
+        keep = 1.0 / (1.0 - spec.dropout_p)
+        fparams = _constant((spec.scale * LOG2E, spec.scale, *cap, keep, 0.0, 0.0, 0.0), mx.float32)
+        return Call(
+            params=params,
+            fparams=fparams,
+            sinks=_nothing() if inputs.sinks is None else inputs.sinks.astype(mx.float32),
+            slopes=_nothing() if slopes is None else slopes.astype(mx.float32).reshape(-1),
+            bias=_nothing() if inputs.bias is None else inputs.bias,
+            bias_layout=layout,
+        )
 
 
 def block_sizes(target: str, head_dim: int, dtype: mx.Dtype) -> BlockSizes:
@@ -108,21 +167,75 @@ def block_sizes(target: str, head_dim: int, dtype: mx.Dtype) -> BlockSizes:
     return blocks
 
 
-def _template(name: str, tiles: Tiles, dtype: mx.Dtype, d: int, spec: AttentionSpec):
-    """Template values of an attention kernel: T, D, BQ, BK, NW, STAGES, SMEM, SOFTCAP, ALIBI."""
-    return [("T", dtype), ("D", d), ("BQ", tiles.block_q), ("BK", tiles.block_k), ("NW", tiles.warps),
-            ("STAGES", tiles.stages), ("SMEM", shared_bytes(name, tiles, d, dtype.size)),
-            ("SOFTCAP", int(bool(spec.softcap))), ("ALIBI", int(spec.has_alibi))]
+def _template(name: str, tiles: Tiles, dtype: mx.Dtype, d: int, spec: AttentionSpec, dbias: int = 0,
+              dbias_dtype: mx.Dtype = mx.float32, exact: bool = False):
+    """Template values of an attention kernel: the tiles, then the variant switches."""
+    template = [("T", dtype), ("D", d), ("BQ", tiles.block_q), ("BK", tiles.block_k), ("NW", tiles.warps),
+                ("STAGES", tiles.stages), ("SMEM", shared_bytes(name, tiles, d, dtype.size)),
+                ("SOFTCAP", int(bool(spec.softcap))), ("ALIBI", int(spec.has_alibi)), ("BIAS", int(spec.has_bias)),
+                ("VARLEN", int(spec.varlen)), ("SPARSE", int(spec.block_mask is not None)),
+                ("DROPOUT", int(spec.has_dropout))]
+    if name == "attention_fwd":
+        template += [("EXACT", int(exact))]
+    else:
+        template += [("DBIAS", dbias), ("TDB", dbias_dtype)]
+    return template
 
 
-def _launch(target: str, name: str, template, threads: int, inputs, outputs, groups: Tuple[int, int, int]):
-    """Run one kernel over ``groups`` threadgroups of ``threads`` threads."""
+def _launch(target: str, name: str, template, threads: int, inputs, outputs, groups: Tuple[int, int, int],
+            zero_outputs: bool = False):
+    """Run one kernel over ``groups`` threadgroups of ``threads`` threads (outputs zero-filled first
+    when ``zero_outputs``)."""
     smem = dict(template).get("SMEM", 0)
     k = build.kernel(target, name, build.arch_of(target), smem if target == "cuda" else 0)
     shapes, dtypes = zip(*outputs)
     return k(inputs=[_buffer(x) for x in inputs], output_shapes=list(shapes), output_dtypes=list(dtypes),
              grid=(groups[0] * threads, groups[1], groups[2]), threadgroup=(threads, 1, 1), template=template,
-             verbose=_verbose())
+             init_value=0 if zero_outputs else None, verbose=_verbose())
+
+
+def _varlen_tiles(inputs: AttentionInputs, tile: int, by_keys: bool) -> Tuple[mx.array, int]:
+    """Varlen ``sched = [cu_q, cu_k, tiles per sequence, cumulated]`` and the grid's tile bound.
+
+    Computed with MLX ops on the device (no host read of cu_seqlens, so it traces under
+    `mx.compile`); the kernels find their sequence by binary search.
+    """
+    cu_q = inputs.cu_seqlens_q.astype(mx.int32)
+    cu_k = inputs.cu_seqlens_k.astype(mx.int32)
+    cu = cu_k if by_keys else cu_q
+    S = cu.shape[0] - 1
+    total = (inputs.k if by_keys else inputs.q).shape[2]
+    counts = (cu[1:] - cu[:-1] + tile - 1) // tile
+    sched = mx.concatenate([cu_q, cu_k, mx.cumsum(counts)])
+    return sched, (total + S * (tile - 1)) // tile
+
+
+def _schedule(spec: AttentionSpec, inputs: AttentionInputs, tiles: Tiles, transposed: bool):
+    """``(sched, bits, grid tiles)`` of one kernel: varlen tiles, block-sparse lists, or none."""
+    B, H, Nq, _ = inputs.q.shape
+    Hkv, Nk = inputs.k.shape[1], inputs.k.shape[2]
+    tile = tiles.block_k if transposed else tiles.block_q
+    if spec.varlen:
+        sched, count = _varlen_tiles(inputs, tile, by_keys=transposed)
+        return sched, _nothing(mx.uint32), count
+    count = -(-(Nk if transposed else Nq) // tile)
+    if spec.block_mask is None:
+        return _nothing(mx.int32), _nothing(mx.uint32), count
+    s = sparse.schedule(spec.block_mask, Nq, Nk, tiles.block_q, tiles.block_k, *band_bounds(spec.causal, spec.window),
+                        H // Hkv, transposed)
+    return s.sched, _nothing(mx.uint32) if s.bits is None else s.bits, count
+
+
+def exact_out(spec: AttentionSpec, layout: Optional[BiasLayout]) -> bool:
+    """Whether the forward keeps ``out`` in float32 for the backward.
+
+    Gradients that sum dS along query rows — dsinks, dslopes, a dbias broadcast over keys —
+    rely on ``Σ_j dS_ij = Σ_j P_ij·dP_ij − delta_i·Σ_j P_ij`` cancelling; ``delta = rowsum(dO·O)``
+    from an ``out`` rounded to bf16, or from P rounded to bf16 in P·V (the tensor-core
+    forward), breaks that cancellation.  Such calls write out in float32 from P split in two
+    bf16 parts (one more P·V product).
+    """
+    return spec.has_alibi or spec.has_sinks or (layout is not None and layout.mode in (DBIAS_ROWS, DBIAS_SCALAR))
 
 
 def forward(target: str, spec: AttentionSpec, inputs: AttentionInputs) -> Tuple[mx.array, mx.array]:
@@ -130,26 +243,49 @@ def forward(target: str, spec: AttentionSpec, inputs: AttentionInputs) -> Tuple[
 
     Args:
         target: ``"metal"``, ``"cuda"`` or ``"emulator"``.
-        spec: scale, causal, window, softcap (and which of alibi/sinks are given).
-        inputs: q ``(B, H, Nq, D)``; k, v ``(B, Hkv, Nk, D)`` (``H % Hkv == 0``); optional
-            alibi_slopes ``(H,)``, ``(1, H)`` or ``(B, H)`` and sinks ``(H,)``.
+        spec: the static options.
+        inputs: q ``(B, H, Nq, D)``; k ``(B, Hkv, Nk, D)``, v ``(B, Hkv, Nk, Dv)`` (``H % Hkv ==
+            0``); optional bias ``(B|1, H|1, Nq|1, Nk|1)``, alibi_slopes ``(H,)``, ``(1|B, H)``
+            (or ``(S, H)`` for varlen), sinks ``(H,)``; varlen: ``B = 1`` and cu_seqlens_q/k.
 
     Returns:
-        ``(out, lse)``: out ``(B, H, Nq, D)`` in q's dtype, lse ``(B, H, Nq)`` float32 (natural
-        log, with the sink term; -inf for rows with nothing to attend, whose out is 0).
+        ``(out, lse)``: out ``(B, H, Nq, Dv)`` in q's dtype (float32 where `exact_out`), lse
+        ``(B, H, Nq)`` float32 (natural log, with the sink term; -inf for rows with nothing to
+        attend, whose out is 0).
     """
     q, k, v = inputs.q, inputs.k, inputs.v
     B, H, Nq, D = q.shape
+    Dv = v.shape[3]
     if Nq == 0:
-        return mx.zeros((B, H, 0, D), q.dtype), mx.zeros((B, H, 0), mx.float32)
-    d = padded_head_dim(D)
+        return mx.zeros((B, H, 0, Dv), q.dtype), mx.zeros((B, H, 0), mx.float32)
+    d = padded_head_dim(max(D, Dv))
     tiles = block_sizes(target, d, q.dtype).fwd
     q, k, v = (_pad_head(x, d) for x in (q, k, v))
-    params, fparams, sinks, slopes = _call_arrays(spec, inputs)
-    out, lse = _launch(target, "attention_fwd", _template("attention_fwd", tiles, q.dtype, d, spec), tiles.threads,
-                       [q, k, v, params, fparams, sinks, slopes],
-                       [((B, H, Nq, d), q.dtype), ((B, H, Nq), mx.float32)], (-(-Nq // tiles.block_q), H, B))
-    return (out[..., :D] if d != D else out), lse
+    call = Call.of(spec, inputs)
+    sched, bits, count = _schedule(spec, inputs, tiles, transposed=False)
+    exact = exact_out(spec, call.bias_layout)
+    out, lse = _launch(target, "attention_fwd", _template("attention_fwd", tiles, q.dtype, d, spec, exact=exact),
+                       tiles.threads,
+                       [q, k, v, call.params, call.fparams, call.sinks, call.slopes, call.bias, sched, bits],
+                       [((B, H, Nq, d), mx.float32 if exact else q.dtype), ((B, H, Nq), mx.float32)],
+                       (count, H, B))
+    return (out[..., :Dv] if d != Dv else out), lse
+
+
+def _dslopes(spec: AttentionSpec, inputs: AttentionInputs, part: mx.array, tile: int) -> mx.array:
+    """Reduce the dq kernel's per-tile ``dL/dslope`` shares ``(B, H, tiles)`` to the slopes' shape."""
+    slopes = inputs.alibi_slopes
+    per_row = slopes.ndim == 2 and slopes.shape[0] != 1
+    if spec.varlen and per_row:
+        # (S, H): the grid tiles of each sequence, from the cumulated tile counts
+        sched, count = _varlen_tiles(inputs, tile, by_keys=False)
+        S = slopes.shape[0]
+        ends = sched[-S:]
+        seq = (ends[None, :] <= mx.arange(count)[:, None]).astype(mx.int32).sum(axis=1)
+        one_hot = (seq[:, None] == mx.arange(S)[None, :]).astype(mx.float32)
+        return (part[0] @ one_hot).T.astype(slopes.dtype)
+    per_bh = part.sum(axis=-1)
+    return (per_bh if per_row else per_bh.sum(axis=0)).reshape(slopes.shape).astype(slopes.dtype)
 
 
 def backward(target: str, spec: AttentionSpec, inputs: AttentionInputs, out: mx.array, lse: mx.array,
@@ -158,53 +294,77 @@ def backward(target: str, spec: AttentionSpec, inputs: AttentionInputs, out: mx.
 
     Args:
         target, spec, inputs: as in `forward`.
-        out, lse: the forward's results, ``(B, H, Nq, D)`` and ``(B, H, Nq)``.
-        dout: cotangent of out, ``(B, H, Nq, D)``.
+        out, lse: the forward's results, ``(B, H, Nq, Dv)`` and ``(B, H, Nq)``.
+        dout: cotangent of out, ``(B, H, Nq, Dv)``.
         dlse: cotangent of lse, ``(B, H, Nq)`` float32, or None (zero).
 
     Returns:
         `AttentionGrads`: dq, dk, dv shaped and typed like q, k, v (dk, dv summed over each GQA
-        group), and dalibi_slopes / dsinks when those inputs are given.
+        group), dbias reduced to the bias's shape, dalibi_slopes / dsinks when those inputs are
+        given, and zeros for cu_seqlens.
     """
     q, k, v = inputs.q, inputs.k, inputs.v
     B, H, Nq, D = q.shape
-    Hkv, Nk = k.shape[1], k.shape[2]
+    Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    dbias = None if inputs.bias is None else mx.zeros_like(inputs.bias)
     dslopes = None if inputs.alibi_slopes is None else mx.zeros_like(inputs.alibi_slopes)
     dsinks = None if inputs.sinks is None else mx.zeros_like(inputs.sinks)
+    zeros_like = lambda x: None if x is None else mx.zeros_like(x)  # noqa: E731
+    cu_grads = (zeros_like(inputs.cu_seqlens_q), zeros_like(inputs.cu_seqlens_k))
     if Nq == 0 or Nk == 0:
         if dsinks is not None and Nq > 0 and dlse is not None:  # lse = sink: its cotangent flows to it
             dsinks = dlse.astype(mx.float32).sum(axis=(0, 2)).astype(inputs.sinks.dtype)
-        return AttentionGrads(mx.zeros_like(q), mx.zeros_like(k), mx.zeros_like(v), None, dslopes, dsinks)
-    d = padded_head_dim(D)
+        return AttentionGrads(mx.zeros_like(q), mx.zeros_like(k), mx.zeros_like(v), dbias, dslopes, dsinks, *cu_grads)
+    d = padded_head_dim(max(D, Dv))
     blocks = block_sizes(target, d, q.dtype)
     q, k, v, out, dout = (_pad_head(x, d) for x in (q, k, v, out, dout.astype(q.dtype)))
     dlse = mx.zeros((B, H, Nq), mx.float32) if dlse is None else dlse.astype(mx.float32)
-    params, fparams, sinks, slopes = _call_arrays(spec, inputs)
+    call = Call.of(spec, inputs)
     lse = lse.astype(mx.float32)
 
     # delta = rowsum(dout ∘ out) − dlse
     template = [("T", q.dtype), ("D", d), ("NW", 4), ("ROWS", PREPROCESS_ROWS)]
-    (delta,) = _launch(target, "attention_bwd_preprocess", template, 128, [out, dout, dlse, params],
+    (delta,) = _launch(target, "attention_bwd_preprocess", template, 128, [out, dout, dlse, call.params],
                        [((B, H, Nq), mx.float32)], (-(-Nq // PREPROCESS_ROWS), H, B))
 
-    grads_in = [q, k, v, dout, lse, delta, params, fparams, slopes]
+    # dbias: written by the dq kernel (the bias has every query row) or the dk/dv kernel
+    layout = call.bias_layout
+    mode = layout.mode if layout else 0
+    dbias_dtype = inputs.bias.dtype if layout and layout.unique else mx.float32
+    dbias_shape = tuple(inputs.bias.shape) if layout else (8,)
+    skips = spec.has_band or spec.block_mask is not None  # some tiles are never visited
+    zero_dq = mode in DQ_MODES and not (layout.unique and (mode == DBIAS_ROWS or not skips))
+    zero_dkdv = mode in DKDV_MODES
+
+    common = [q, k, v, dout, lse, delta, call.params, call.fparams, call.slopes, call.bias]
     t = blocks.dq
-    nqt = -(-Nq // t.block_q)
-    dq, slope_part = _launch(target, "attention_bwd_dq", _template("attention_bwd_dq", t, q.dtype, d, spec), t.threads,
-                             grads_in, [((B, H, Nq, d), q.dtype), ((B, H, nqt), mx.float32)], (nqt, H, B))
+    sched, bits, count = _schedule(spec, inputs, t, transposed=False)
+    dq_mode = mode if mode in DQ_MODES else 0
+    dq, slope_part, dbias_dq = _launch(
+        target, "attention_bwd_dq",
+        _template("attention_bwd_dq", t, q.dtype, d, spec, dq_mode, dbias_dtype if dq_mode else mx.float32),
+        t.threads, [*common, sched, bits],
+        [((B, H, Nq, d), q.dtype), ((B, H, count), mx.float32),
+         (dbias_shape if dq_mode else (8,), dbias_dtype if dq_mode else mx.float32)],
+        (count, H, B), zero_outputs=zero_dq)
     t = blocks.dkdv
-    dk, dv = _launch(target, "attention_bwd_dkdv", _template("attention_bwd_dkdv", t, q.dtype, d, spec), t.threads,
-                     grads_in, [((B, Hkv, Nk, d), k.dtype), ((B, Hkv, Nk, d), v.dtype)],
-                     (-(-Nk // t.block_k), Hkv, B))
-    if d != D:
-        dq, dk, dv = dq[..., :D], dk[..., :D], dv[..., :D]
+    sched, bits, count = _schedule(spec, inputs, t, transposed=True)
+    dkdv_mode = mode if mode in DKDV_MODES else 0
+    dk, dv, dbias_dkdv = _launch(
+        target, "attention_bwd_dkdv",
+        _template("attention_bwd_dkdv", t, q.dtype, d, spec, dkdv_mode, dbias_dtype if dkdv_mode else mx.float32),
+        t.threads, [*common, sched, bits],
+        [((B, Hkv, Nk, d), k.dtype), ((B, Hkv, Nk, d), v.dtype),
+         (dbias_shape if dkdv_mode else (8,), dbias_dtype if dkdv_mode else mx.float32)],
+        (count, Hkv, B), zero_outputs=zero_dkdv)
+    dq, dk, dv = dq[..., :D], dk[..., :D], dv[..., :Dv]
+    if dbias is not None:
+        dbias = (dbias_dq if dq_mode else dbias_dkdv).astype(inputs.bias.dtype)
     if dslopes is not None:
-        # dL/dslope_h = Σ dS·(−|j − i'|), summed per query tile in the dq kernel
-        per_bh = slope_part.sum(axis=-1)
-        per_batch = dslopes.ndim == 2 and dslopes.shape[0] != 1
-        dslopes = (per_bh if per_batch else per_bh.sum(axis=0)).reshape(dslopes.shape).astype(dslopes.dtype)
+        # dL/dslope = Σ dS·(−|j − i'|), summed per query tile in the dq kernel
+        dslopes = _dslopes(spec, inputs, slope_part, blocks.dq.block_q)
     if dsinks is not None:
         # dL/dsink_h = −Σ_{b,i} exp(sink_h − lse)·(delta − dlse)
         p_sink = mx.exp(inputs.sinks.astype(mx.float32)[None, :, None] - lse)
         dsinks = -(p_sink * delta).sum(axis=(0, 2)).astype(inputs.sinks.dtype)
-    return AttentionGrads(dq, dk, dv, None, dslopes, dsinks)
+    return AttentionGrads(dq, dk, dv, dbias, dslopes, dsinks, *cu_grads)

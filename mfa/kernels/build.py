@@ -11,13 +11,14 @@ import mlx.core as mx
 from mfa.kernels import emulator, sources
 
 # The buffers of every kernel body, in call order.
+_VARIANTS = ["bias", "sched", "bits"]
 IO = {
-    "attention_fwd": (["q", "k", "v", "params", "fparams", "sinks", "slopes"], ["out", "lse"]),
+    "attention_fwd": (["q", "k", "v", "params", "fparams", "sinks", "slopes", *_VARIANTS], ["out", "lse"]),
     "attention_bwd_preprocess": (["out", "dout", "dlse", "params"], ["delta"]),
-    "attention_bwd_dq": (["q", "k", "v", "dout", "lse", "delta", "params", "fparams", "slopes"],
-                         ["dq_out", "dslopes_part"]),
-    "attention_bwd_dkdv": (["q", "k", "v", "dout", "lse", "delta", "params", "fparams", "slopes"],
-                           ["dk_out", "dv_out"]),
+    "attention_bwd_dq": (["q", "k", "v", "dout", "lse", "delta", "params", "fparams", "slopes", *_VARIANTS],
+                         ["dq_out", "dslopes_part", "dbias"]),
+    "attention_bwd_dkdv": (["q", "k", "v", "dout", "lse", "delta", "params", "fparams", "slopes", *_VARIANTS],
+                           ["dk_out", "dv_out", "dbias"]),
 }
 
 

@@ -20,7 +20,8 @@ import mlx.core as mx
 
 from mfa.kernels import build, sources
 
-_CUDA_TYPES = {mx.float32: "float", mx.float16: "__half", mx.bfloat16: "__nv_bfloat16", mx.int32: "int32_t"}
+_CUDA_TYPES = {mx.float32: "float", mx.float16: "__half", mx.bfloat16: "__nv_bfloat16", mx.int32: "int32_t",
+               mx.uint32: "uint32_t"}
 _GENERATED = re.compile(r"Generated source code for `(\w+)`:\n```\n(.*?)\n```", re.S)
 
 

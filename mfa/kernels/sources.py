@@ -1,7 +1,7 @@
 """Kernel sources: the bodies in ``metal/`` and the headers each target compiles them with.
 
 Every kernel is one body file, ``metal/<name>.metal``, written once in a small C++ dialect over
-the tile API.  A target gets ``header = prelude + fragment family + tile.h + band.h``:
+the tile API.  A target gets ``header = prelude + fragment family + tile.h + band.h + variants.h``:
 
     target      prelude            fragment family        compiled by
     metal       prelude_metal.h    frag_simdgroup.h       Metal (mx.fast.metal_kernel)
@@ -45,7 +45,7 @@ def body(kernel: str) -> str:
 
 def tile_layer(arch: str) -> str:
     """The tile layer for a fragment family: ``"metal"`` (simdgroup 8x8) or ``"cuda"`` (mma m16n8k16)."""
-    return read(FRAGMENTS[arch]) + read("tile.h") + read("band.h")
+    return read(FRAGMENTS[arch]) + read("tile.h") + read("band.h") + read("variants.h")
 
 
 def header(target: str) -> str:

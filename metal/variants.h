@@ -1,0 +1,159 @@
+// The attention variants shared by the attention kernels: where a threadgroup's rows and keys
+// lie (dense batch row or varlen sequence), which key tiles it visits (a band, or a block-sparse
+// list with per-tile element bitmasks), and the dropout mask.
+//
+// Runtime sizes and flags come in the int32 `params` buffer, indexed by `Param`; the Python
+// launcher (mfa/kernels/attention.py) writes them in this order.
+namespace mfa {
+
+enum Param : int {
+  kH = 0,
+  kHKV,
+  kNQ,             // query rows per head in memory (the packed total for varlen)
+  kNK,             // key rows per head in memory
+  kLeft,           // band: i' - left <= j <= i' + right (kUnbounded: no bound)
+  kRight,
+  kHasSinks,
+  kSlopesPerRow,   // slopes are (B, H) (dense) / (S, H) (varlen) rather than (H,)
+  kDropThreshold,  // dropout: keep when 24 hash bits >= threshold
+  kDropSeed,
+  kBiasStrideB,    // bias (B|1, H|1, NQ|1, NK|1): element strides, 0 on broadcast axes
+  kBiasStrideH,
+  kBiasStrideQ,
+  kBiasStrideK,
+  kBiasUnique,     // each dbias entry has one writer: plain stores, else atomic adds
+  kNumSeqs,        // varlen: S sequences
+  kMaskB,          // block-sparse: the mask's batch and head extents (1 or B, 1 or H)
+  kMaskH,
+  kNumParams
+};
+
+// One sequence of the call, in local coordinates: query rows [0, nq) are rows q_lo.. of the
+// packed arrays, keys [0, nk) are rows k_lo..; `tile` is this threadgroup's tile in it.
+struct Segment {
+  int q_lo, nq, k_lo, nk, seg, tile;
+  bool valid;
+
+  // Dense calls: the whole batch row b; the tile is the grid position.
+  MFA_FUNC static Segment dense(int x, int b, int NQ, int NK) {
+    Segment s;
+    s.q_lo = 0;
+    s.nq = NQ;
+    s.k_lo = 0;
+    s.nk = NK;
+    s.seg = b;
+    s.tile = x;
+    s.valid = true;
+    return s;
+  }
+
+  // Varlen: sched = [cu_q (S+1), cu_k (S+1), tiles (S)], tiles[s] = number of tiles (query or key
+  // tiles, whichever the kernel walks) in sequences 0..s.  Grid position x is tile
+  // x - tiles[s-1] of the first sequence s with tiles[s] > x; past the last tile, !valid.
+  MFA_FUNC static Segment packed(int x, int S, MFA_DEV const int* sched) {
+    MFA_DEV const int* cu_q = sched;
+    MFA_DEV const int* cu_k = sched + S + 1;
+    MFA_DEV const int* tiles = sched + 2 * (S + 1);
+    int lo = 0, hi = S;
+    while (lo < hi) {
+      const int mid = (lo + hi) / 2;
+      if (tiles[mid] > x) hi = mid;
+      else lo = mid + 1;
+    }
+    Segment s;
+    s.valid = lo < S;
+    const int i = s.valid ? lo : 0;
+    s.seg = i;
+    s.tile = x - (i > 0 ? tiles[i - 1] : 0);
+    s.q_lo = cu_q[i];
+    s.nq = cu_q[i + 1] - cu_q[i];
+    s.k_lo = cu_k[i];
+    s.nk = cu_k[i + 1] - cu_k[i];
+    return s;
+  }
+
+  template <int VARLEN>
+  MFA_FUNC static Segment of(int x, int b, MFA_DEV const int* params, MFA_DEV const int* sched) {
+    return VARLEN ? packed(x, params[kNumSeqs], sched) : dense(x, b, params[kNQ], params[kNK]);
+  }
+};
+
+// Block-sparse schedules (mfa/kernels/sparse.py): sched = [offsets (ROWS + 1), entries], the
+// entries of list r at [offsets[r], offsets[r+1]), each `W` ints.  Forward and dq: one list per
+// (mask batch, mask head, query tile), entries (key tile, partial); dk/dv: one per (mask batch,
+// key/value head or 1, key tile), entries (group head, query tile, partial).  `partial` indexes
+// the element bitmask of a tile that is neither empty nor full, or is -1.
+template <int W>
+struct TileList {
+  MFA_DEV const int* entries;
+  int count;
+
+  MFA_FUNC static TileList at(MFA_DEV const int* sched, int rows, int r) {
+    TileList l;
+    l.entries = sched + (rows + 1) + W * sched[r];
+    l.count = sched[r + 1] - sched[r];
+    return l;
+  }
+  MFA_FUNC int get(int n, int field) const { return entries[W * n + field]; }
+};
+
+// Element (row, col) of partial tile `p` (ROWS x COLS, one 32-bit word per 32 columns of a row).
+template <int ROWS, int COLS>
+MFA_FUNC bool tile_bit(MFA_DEV const unsigned* bits, int p, int row, int col) {
+  enum : int { WORDS = (COLS + 31) / 32 };
+  return (bits[(p * ROWS + row) * WORDS + col / 32] >> (col % 32)) & 1u;
+}
+
+// Dropout (mfa/ops/dropout.py): attention weight (head, row, col) survives when
+//   x = mix(seed ^ mix(head ^ mix(row ^ mix(col ^ GOLDEN)))),  (x >> 8) >= threshold,
+// with mix the lowbias32 finalizer; row and col index the packed score matrix.
+MFA_FUNC unsigned dropout_mix(unsigned x) {
+  x ^= x >> 16;
+  x *= 0x7FEB352Du;
+  x ^= x >> 15;
+  x *= 0x846CA68Bu;
+  x ^= x >> 16;
+  return x;
+}
+
+struct Dropout {
+  unsigned seed, threshold, head;
+  float scale;  // 1 / (1 - p)
+
+  MFA_FUNC static Dropout from(MFA_DEV const int* params, float scale, int head) {
+    Dropout d;
+    d.seed = unsigned(params[kDropSeed]);
+    d.threshold = unsigned(params[kDropThreshold]);
+    d.head = unsigned(head);
+    d.scale = scale;
+    return d;
+  }
+  // The factor of weight (row, col): 1/(1-p) when kept, 0 when dropped.
+  MFA_FUNC float factor(int row, int col) const {
+    unsigned x = dropout_mix(unsigned(col) ^ 0x9E3779B9u);
+    x = dropout_mix(unsigned(row) ^ x);
+    x = dropout_mix(head ^ x);
+    x = dropout_mix(seed ^ x);
+    return (x >> 8) >= threshold ? scale : 0.0f;
+  }
+};
+
+// Reduce per-lane partial row sums over the lanes that share each row.
+template <int M>
+MFA_FUNC void reduce_rows(MFA_THR RowVec<M>& v) {
+  MFA_UNROLL
+  for (int s = 0; s < RowVec<M>::SIZE; ++s) {
+    v.v[s] += mfa_shfl_xor(v.v[s], kRowXor0);
+    v.v[s] += mfa_shfl_xor(v.v[s], kRowXor1);
+  }
+}
+
+// Add `value` to dbias entry `i`: a plain store when this thread is its only writer, else an
+// atomic add into the float32 buffer.
+template <typename TDB>
+MFA_FUNC void dbias_add(MFA_DEV TDB* dbias, long i, float value, bool unique) {
+  if (unique) dbias[i] = static_cast<TDB>(value);
+  else mfa_atomic_add(reinterpret_cast<MFA_DEV float*>(dbias) + i, value);
+}
+
+}  // namespace mfa
