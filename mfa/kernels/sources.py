@@ -1,6 +1,7 @@
-"""Kernel sources: the bodies in ``metal/`` and the headers each target compiles them with.
+"""Kernel sources: the bodies in ``mfa/kernels/metal/`` and the headers each target compiles them with.
 
-Every kernel is one body file, ``metal/<name>.metal``, written once in a small C++ dialect over
+The sources ship inside the package (package data), so an installed mfa finds them next to this
+module.  Every kernel is one body file, ``metal/<name>.metal``, written once in a small C++ dialect over
 the tile API.  A target gets ``header = prelude + fragment family + tile.h + band.h + variants.h``:
 
     target      prelude            fragment family        compiled by
@@ -25,9 +26,9 @@ FRAGMENTS = {"metal": "frag_simdgroup.h", "cuda": "frag_mma.h"}
 
 
 def kernel_dir() -> Path:
-    """The directory holding the kernel sources (``$MFA_KERNEL_DIR`` or the repository's ``metal/``)."""
+    """The directory holding the kernel sources (``$MFA_KERNEL_DIR``, else the package's ``metal/``)."""
     env = os.environ.get("MFA_KERNEL_DIR")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "metal"
+    return Path(env) if env else Path(__file__).resolve().parent / "metal"
 
 
 @functools.cache
