@@ -58,6 +58,7 @@ def time_ms(fn, warmup=2, iters=5):
 
 def tune(out: Path) -> None:
     from mfa.kernels import attention
+    from mfa.ops.spec import AttentionInputs, AttentionSpec
 
     rows = []
     B, H, N, D = 2, 16, 4096, 128
@@ -66,25 +67,27 @@ def tune(out: Path) -> None:
     k = mx.random.normal((B, H, N, D), key=k2).astype(mx.bfloat16)
     v = mx.random.normal((B, H, N, D), key=k3).astype(mx.bfloat16)
     mx.eval(q, k, v)
+    inputs = AttentionInputs(q, k, v)
     for causal in (False, True):
+        spec = AttentionSpec(scale=D**-0.5, causal=causal)
         frac = 0.5 if causal else 1.0
         flops = 4.0 * B * H * N * N * D * frac
         for variant in TUNE_VARIANTS["fwd"]:
             os.environ["MFA_BLOCKS"] = f"fwd={variant}"
             try:
-                ms = time_ms(lambda: attention.forward("cuda", q, k, v, D**-0.5, causal))
+                ms = time_ms(lambda: attention.forward("cuda", spec, inputs))
                 rows.append({"kernel": "fwd", "variant": variant, "causal": causal, "ms": ms,
                              "tflops": flops / ms / 1e9})
             except Exception as err:
                 rows.append({"kernel": "fwd", "variant": variant, "causal": causal, "error": str(err)[:300]})
             print(rows[-1], flush=True)
         os.environ["MFA_BLOCKS"] = ""
-        o, l = attention.forward("cuda", q, k, v, D**-0.5, causal)
+        o, l = attention.forward("cuda", spec, inputs)
         mx.eval(o, l)
         for variant in TUNE_VARIANTS["bwd"]:
             os.environ["MFA_BLOCKS"] = variant
             try:
-                ms = time_ms(lambda: attention.backward("cuda", q, k, v, o, l, o, None, D**-0.5, causal))
+                ms = time_ms(lambda: attention.backward("cuda", spec, inputs, o, l, o, None).arrays())
                 rows.append({"kernel": "bwd", "variant": variant, "causal": causal, "ms": ms,
                              "tflops": 2.5 * flops / ms / 1e9})
             except Exception as err:

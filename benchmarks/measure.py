@@ -112,10 +112,10 @@ class Result:
     error: str = ""
 
 
-def measure(backend: str, case: Case, mode: str, dtype, warmup: int, iters: int) -> Result:
-    """Median wall time over `iters` runs after `warmup`, and the extra peak memory of one run."""
+def time_step(step: Callable[[], list], flops: float, warmup: int, iters: int) -> Result:
+    """Median wall time of ``mx.eval(step())`` over `iters` runs after `warmup`, and the extra peak
+    memory of one run; errors (OOM, an unsupported call) are returned in the result, not raised."""
     try:
-        step = step_fn(backend, case, mode, dtype)
         for _ in range(warmup):
             mx.eval(step())
         mx.synchronize()
@@ -131,8 +131,17 @@ def measure(backend: str, case: Case, mode: str, dtype, warmup: int, iters: int)
             mx.synchronize()
             times.append(time.perf_counter() - t0)
         ms = 1e3 * statistics.median(times)
-        return Result(ms=ms, tflops=case.flops(mode) / (ms * 1e-3) / 1e12, peak_mib=peak)
+        return Result(ms=ms, tflops=flops / (ms * 1e-3) / 1e12, peak_mib=peak)
     except Exception as err:  # OOM, an unsupported call: reported in the table, not fatal
         return Result(error=f"{type(err).__name__}: {str(err).splitlines()[0][:160]}")
     finally:
         mx.clear_cache()
+
+
+def measure(backend: str, case: Case, mode: str, dtype, warmup: int, iters: int) -> Result:
+    """Median wall time over `iters` runs after `warmup`, and the extra peak memory of one run."""
+    try:
+        step = step_fn(backend, case, mode, dtype)
+    except Exception as err:
+        return Result(error=f"{type(err).__name__}: {str(err).splitlines()[0][:160]}")
+    return time_step(step, case.flops(mode), warmup, iters)

@@ -1,7 +1,8 @@
 """The native kernels on the GPU targets present (cuda on an NVIDIA GPU, metal on a Mac).
 
 Same checks as the emulator tests, at sizes that span many tiles.  Skipped where no GPU target
-is present (this suite then runs on the GPU machine: see the README's developer section).
+is present (this suite then runs on the GPU machine: see the README's developer section).  The
+variants come first, the dense cases after (a time-bounded run reports the newest code first).
 """
 
 import mlx.core as mx
@@ -19,29 +20,6 @@ pytestmark = pytest.mark.skipif(not TARGETS, reason="no GPU target (cuda/metal) 
 @pytest.fixture(params=TARGETS)
 def target(request):
     return request.param
-
-
-@pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("Nq,Nk", [(1, 300), (257, 1000), (1000, 257), (512, 512), (1031, 1031)])
-def test_lengths_and_causal(target, causal, Nq, Nk):
-    q, k, v = random_qkv(2, 4, 2, Nq, Nk, 64, dtype=mx.bfloat16, seed=Nq + 3 * Nk)
-    check(q, k, v, causal, target=target)
-
-
-@pytest.mark.parametrize(
-    "D,Dv,dtype",
-    [(D, D, mx.bfloat16) for D in (32, 64, 80, 96, 128, 192, 256)]
-    + [(64, 64, mx.float16), (128, 128, mx.float16), (128, 64, mx.bfloat16)],
-)
-def test_head_dims_and_dtypes(target, D, Dv, dtype):
-    q, k, v = random_qkv(1, 4, 1, 333, 444, D, Dv, dtype=dtype, seed=D)
-    check(q, k, v, causal=True, target=target)
-
-
-@pytest.mark.parametrize("window,softcap", [((256, 0), None), ((100, 50), None), (None, 20.0), ((64, 0), 5.0)])
-def test_window_and_softcap(target, window, softcap):
-    q, k, v = random_qkv(2, 4, 2, 700, 900, 64, dtype=mx.bfloat16, seed=17)
-    check(q, k, v, causal=False, window=window, softcap=softcap, target=target)
 
 
 @pytest.mark.parametrize("slopes_shape,with_sinks", [((4,), False), (None, True), ((2, 4), True)])
@@ -79,3 +57,26 @@ def test_block_sparse(target):
 def test_dropout(target):
     q, k, v = random_qkv(2, 4, 2, 500, 700, 64, dtype=mx.bfloat16, seed=37)
     check(q, k, v, True, target=target, dropout_p=0.2, dropout_seed=99)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("Nq,Nk", [(1, 300), (257, 1000), (1000, 257), (512, 512), (1031, 1031)])
+def test_lengths_and_causal(target, causal, Nq, Nk):
+    q, k, v = random_qkv(2, 4, 2, Nq, Nk, 64, dtype=mx.bfloat16, seed=Nq + 3 * Nk)
+    check(q, k, v, causal, target=target)
+
+
+@pytest.mark.parametrize(
+    "D,Dv,dtype",
+    [(D, D, mx.bfloat16) for D in (32, 64, 80, 96, 128, 192, 256)]
+    + [(64, 64, mx.float16), (128, 128, mx.float16), (128, 64, mx.bfloat16)],
+)
+def test_head_dims_and_dtypes(target, D, Dv, dtype):
+    q, k, v = random_qkv(1, 4, 1, 333, 444, D, Dv, dtype=dtype, seed=D)
+    check(q, k, v, causal=True, target=target)
+
+
+@pytest.mark.parametrize("window,softcap", [((256, 0), None), ((100, 50), None), (None, 20.0), ((64, 0), 5.0)])
+def test_window_and_softcap(target, window, softcap):
+    q, k, v = random_qkv(2, 4, 2, 700, 900, 64, dtype=mx.bfloat16, seed=17)
+    check(q, k, v, causal=False, window=window, softcap=softcap, target=target)
