@@ -36,7 +36,7 @@ import mlx.core as mx
 import numpy as np
 
 from benchmarks import run as bench
-from benchmarks.measure import Result, naive_attention, time_step, window_mask
+from benchmarks.measure import Result, time_step, window_mask
 
 SCENARIOS = ("window", "bias", "sparse", "extras", "varlen")  # the padded bool-mask baseline, the heaviest, last
 

@@ -134,7 +134,7 @@ class Call:
         mask = spec.block_mask
         mask_b, mask_h = mask.active.shape[:2] if mask is not None else (1, 1)
         num_seqs = inputs.cu_seqlens_q.shape[0] - 1 if spec.varlen else 0
-        threshold = int(round(spec.dropout_p * (1 << 24)))
+        threshold = round(spec.dropout_p * (1 << 24))  # as mfa/ops/dropout.py
         params = _constant((H, Hkv, Nq, Nk, *band_bounds(spec.causal, spec.window), int(inputs.sinks is not None),
                             int(per_row), threshold, _int32(spec.dropout_seed), *strides,
                             int(bool(layout and layout.unique)), num_seqs, mask_b, mask_h), mx.int32)
@@ -212,7 +212,7 @@ def _varlen_tiles(inputs: AttentionInputs, tile: int, by_keys: bool) -> Tuple[mx
 
 def _schedule(spec: AttentionSpec, inputs: AttentionInputs, tiles: Tiles, transposed: bool):
     """``(sched, bits, grid tiles)`` of one kernel: varlen tiles, block-sparse lists, or none."""
-    B, H, Nq, _ = inputs.q.shape
+    H, Nq = inputs.q.shape[1], inputs.q.shape[2]
     Hkv, Nk = inputs.k.shape[1], inputs.k.shape[2]
     tile = tiles.block_k if transposed else tiles.block_q
     if spec.varlen:
