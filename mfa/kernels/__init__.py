@@ -1,6 +1,6 @@
 """Native fused attention kernels: one kernel logic, three targets.
 
-The kernel bodies in ``metal/`` are written once over a tile API and compiled for
+The kernel bodies in ``mfa/kernels/metal/`` are written once over a tile API and compiled for
 
 - ``"metal"``: MSL through ``mx.fast.metal_kernel`` (simdgroup 8x8 matrices) — Apple GPUs;
 - ``"cuda"``: CUDA through ``mx.fast.cuda_kernel`` (mma.sync m16n8k16, ldmatrix, cp.async);
