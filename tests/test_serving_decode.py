@@ -257,3 +257,14 @@ def test_unused_table_slots_past_length_are_not_read():
     good = decode_attention(q, KVView.paged(k_pool, v_pool, np.array([[2, 0, -1, -1]]), [6]))
     bad_tail = decode_attention(q, KVView.paged(k_pool, v_pool, np.array([[2, 0, 1_000_000, -5]]), [6]))
     _close(good, bad_tail, atol=0)
+
+
+@pytest.mark.parametrize("options", [{}, {"causal": False}, {"sinks": "sinks"}], ids=lambda o: "-".join(o) or "plain")
+@pytest.mark.parametrize("Nq", [1, 3])
+def test_auto_leaves_plain_equal_length_decodes_to_mlx(options, Nq):
+    """``auto`` hands plain decodes of equal-length rows to MLX's own kernel; same result as tiled."""
+    B, H, Hkv, N, D = 2, 8, 2, 200, 32
+    q, k, v = _rand((B, H, Nq, D), 4), _rand((B, Hkv, N, D), 5), _rand((B, Hkv, N, D), 6)
+    view = KVView.contiguous(k, v, [150, 150])
+    opts = _materialize(options, H, 1)
+    _close(decode_attention(q, view, **opts), decode_attention(q, view, backend="tiled", **opts))

@@ -51,8 +51,16 @@ class Tuning:
 
     @staticmethod
     def default(target: str) -> "Tuning":
-        """Defaults per target: CUDA fills 132 SMs; Metal and the CPU executor want fewer, larger splits."""
-        return {"cuda": Tuning(), "metal": Tuning(blocks=1024, mma=False), "emulator": Tuning(blocks=8)}[target]
+        """Defaults per target: CUDA fills 132 SMs; Metal and the CPU executor want fewer, larger splits.
+
+        CUDA: the scalar body with 2 rows in flight measured fastest on an H100 (bf16, B=8, H=32,
+        Hkv=8, D=128, 32k cache: 0.52 ms, 62% of 3.35 TB/s; the tensor-core body 0.60-0.75 ms).
+        """
+        return {
+            "cuda": Tuning(steps=2, mma=False),
+            "metal": Tuning(blocks=1024, mma=False),
+            "emulator": Tuning(blocks=8),
+        }[target]
 
 
 def gpu_target() -> Optional[str]:
