@@ -13,6 +13,9 @@ from the naive op run in the inputs' own low precision::
 from __future__ import annotations
 
 import os
+
+# the float32 oracle must be float32: MLX's CUDA matmuls use TF32 unless told otherwise
+os.environ.setdefault("MLX_ENABLE_TF32", "0")
 from typing import Callable, Dict, Sequence
 
 import mlx.core as mx

@@ -125,3 +125,20 @@ def test_compile_grad_through_stacked_varlen_layers():
 
     grad = mx.grad(loss, argnums=(0, 1))
     allclose(mx.compile(grad)(q, slopes), grad(q, slopes), atol=1e-4)
+
+
+def test_native_target_that_fails_to_build_is_reported_once(monkeypatch):
+    """auto probes a GPU target once; a toolchain failure becomes a warning and a fallback reason."""
+    from mfa import kernels
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("NVRTC compilation failed")
+
+    monkeypatch.setattr(kernels, "forward", broken)
+    routing.native_build_error.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="falls back to tiled"):
+            assert "NVRTC" in routing.native_build_error("cuda")
+        assert "NVRTC" in routing.native_build_error("cuda")  # cached: no second probe, no second warning
+    finally:
+        routing.native_build_error.cache_clear()

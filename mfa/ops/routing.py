@@ -12,12 +12,13 @@
 4. ``tiled`` — correct everywhere, O(N) memory.
 
 ``MFA_BACKEND=<name>`` replaces ``"auto"``; ``MFA_LOG=1`` prints which backend ran and why.
-A native kernel that fails on this device falls back to ``tiled`` with one warning.
+A GPU target whose kernels fail to build or run (probed once) falls back to ``tiled`` with one warning.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import sys
 import warnings
@@ -82,13 +83,29 @@ def _metal_fused(inputs: AttentionInputs) -> bool:
 
 
 def _native_reason_not(target: str, spec: AttentionSpec, inputs: AttentionInputs) -> Optional[str]:
-    try:
-        from mfa import kernels
-    except ImportError:
-        return "native kernels are not installed"
+    from mfa import kernels
+
     if not kernels.is_available(target):
         return f"{target} kernels are not available on this machine"
     return kernels.unsupported_reason(target, spec, inputs)
+
+
+@functools.lru_cache(maxsize=None)
+def native_build_error(target: str) -> Optional[str]:
+    """Build and run one tiny native call on ``target`` once; the error text if that fails.
+
+    GPU kernels compile when first evaluated, too late for the call that triggered them to fall
+    back, so ``auto`` probes each GPU target once before routing to it.
+    """
+    from mfa import kernels
+
+    try:
+        q = mx.random.normal((1, 1, 16, 64), key=mx.random.key(0)).astype(mx.float16)
+        mx.eval(kernels.forward(target, AttentionSpec(scale=0.125, causal=True), AttentionInputs(q, q, q)))
+        return None
+    except Exception as err:  # any failure of the toolchain or the device: use tiled instead
+        warnings.warn(f"mfa: {target} kernels failed to build or run ({err}); auto falls back to tiled", stacklevel=2)
+        return str(err)
 
 
 def choose(requested: str, spec: AttentionSpec, inputs: AttentionInputs, return_lse: bool) -> Route:
@@ -116,7 +133,9 @@ def choose(requested: str, spec: AttentionSpec, inputs: AttentionInputs, return_
 
 def _auto(spec: AttentionSpec, inputs: AttentionInputs, return_lse: bool) -> Route:
     gpu = _gpu_kind()
-    native_ok = gpu is not None and _native_reason_not(gpu, spec, inputs) is None
+    native_ok = (
+        gpu is not None and _native_reason_not(gpu, spec, inputs) is None and native_build_error(gpu) is None
+    )
     backward = gpu if native_ok else "tiled"
     if _sdpa_reason_not(spec, inputs, return_lse) is None:
         B, H, Nq, _ = inputs.q.shape
@@ -129,9 +148,6 @@ def _auto(spec: AttentionSpec, inputs: AttentionInputs, return_lse: bool) -> Rou
     if native_ok:
         return Route(gpu, "native fused kernel")
     return Route("tiled", "portable tiled path")
-
-
-_warned: set = set()
 
 
 def _log(route: Route) -> None:
@@ -171,12 +187,4 @@ def attend(
     if route.backend == "reference":
         out, lse = reference()
         return out.astype(inputs.q.dtype), lse
-    try:
-        return _run(route, spec, inputs)
-    except Exception as err:  # a native kernel that cannot build here: fall back, warn once
-        if backend != "auto" or route.backend not in NATIVE_TARGETS:
-            raise
-        if route.backend not in _warned:
-            _warned.add(route.backend)
-            warnings.warn(f"mfa: {route.backend} kernels failed ({err}); falling back to tiled", stacklevel=3)
-        return _run(Route("tiled", "fallback"), spec, inputs)
+    return _run(route, spec, inputs)

@@ -1,6 +1,6 @@
-"""Native decode kernels: ``metal/decode_split[_mma]`` + ``metal/decode_merge`` on CUDA, Metal or the CPU executor.
+"""Native decode kernels: ``mfa/kernels/metal/decode_split[_mma]`` + ``decode_merge`` on CUDA, Metal or the CPU executor.
 
-The bodies are written once in the kernel dialect (``metal/prelude_*.h``) plus ``metal/decode_common.h``
+The bodies are written once in the kernel dialect (``mfa/kernels/metal/prelude_*.h``) plus ``decode_common.h``
 and built per target like the attention kernels (`mfa.kernels`). A split kernel computes one partial
 ``(o, lse)`` per (split of the keys, KV head × query-row chunk, batch row), reading each K/V row once for
 all query heads of its KV head with 16-byte loads; ``decode_merge`` combines the splits by lse and adds
