@@ -20,7 +20,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from corpus import DATA_DIR, PackedRows, read_documents, split_documents
-from trainer import generate, load_checkpoint, make_optimizer, plot_losses, save_checkpoint, train
+from trainer import load_checkpoint, make_optimizer, report, save_checkpoint, train
 
 from mfa.nn import CausalLM, ModelConfig, apply_lora
 
@@ -94,14 +94,7 @@ def main(argv=None) -> dict:
     before, after = history["eval"][0][1], history["eval"][-1][1]
     log(f"eval loss on {args.data.name}: before {before:.4f} -> after {after:.4f}")
     metrics = {"before": before, "after": after, "lora_rank": args.lora_rank, "steps": args.steps, "world": world}
-    if rank == 0:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "metrics.json").write_text(json.dumps(metrics, indent=1))
-        if args.plot:
-            plot_losses(history, args.out / "loss.png", f"fine-tuning on {args.data.name}")
-            log(f"wrote {args.out / 'loss.png'}")
-        if args.sample_tokens:
-            log("sample:\n" + generate(model, args.prompt, args.sample_tokens, seed=args.seed))
+    report(args, metrics, history, model, f"fine-tuning on {args.data.name}", rank)
     return metrics
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 import time
 from pathlib import Path
@@ -26,7 +25,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from corpus import DATA_DIR, VOCAB_SIZE, PackedRows, read_documents, split_documents
-from trainer import generate, load_checkpoint, make_optimizer, plot_losses, save_checkpoint, train
+from trainer import load_checkpoint, make_optimizer, report, save_checkpoint, train
 
 from mfa.nn import CausalLM, ModelConfig
 
@@ -138,14 +137,7 @@ def main(argv=None) -> dict:
     first, last = metrics["first_eval_loss"], metrics["final_eval_loss"]
     log(f"eval loss {first:.3f} -> {last:.3f} ({100 * (1 - last / first):.0f}% lower) in {elapsed:.0f}s; "
         f"{metrics['tokens_per_s'] or 0:,.0f} tokens/s, peak memory {metrics['peak_memory_gb']:.2f} GB")
-    if rank == 0:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "metrics.json").write_text(json.dumps(metrics, indent=1))
-        if args.plot:
-            plot_losses(history, args.out / "loss.png", f"{args.data.name}: {n_params / 1e6:.2f}M params")
-            log(f"wrote {args.out / 'loss.png'}")
-        if args.sample_tokens:
-            log("sample:\n" + generate(model, args.prompt, args.sample_tokens, seed=args.seed))
+    report(args, metrics, history, model, f"{args.data.name}: {n_params / 1e6:.2f}M params", rank)
     return metrics
 
 

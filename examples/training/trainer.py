@@ -188,3 +188,16 @@ def plot_losses(history: Dict[str, List], path: Path, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def report(args, metrics: dict, history: Dict[str, List], model: nn.Module, title: str, rank: int) -> None:
+    """Rank 0 writes ``metrics.json``, the loss plot (``--plot``) and a sample (``--sample-tokens``)."""
+    if rank != 0:
+        return
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    if args.plot:
+        plot_losses(history, args.out / "loss.png", title)
+        print(f"wrote {args.out / 'loss.png'}")
+    if args.sample_tokens:
+        print("sample:\n" + generate(model, args.prompt, args.sample_tokens, seed=args.seed))

@@ -16,7 +16,29 @@ from mfa.serving.attend import cached_attention
 from mfa.serving.view import KVView
 
 
-class KVCache:
+class GrowingCache:
+    """mlx-lm's cache protocol for the caches that append tokens at ``offset`` and can drop the last ones."""
+
+    keys = None
+    offset = 0
+
+    def size(self) -> int:
+        return self.offset
+
+    def empty(self) -> bool:
+        return self.keys is None
+
+    def is_trimmable(self) -> bool:
+        return True
+
+    def trim(self, n: int) -> int:
+        """Drop the last ``n`` tokens; returns how many were dropped."""
+        n = min(self.offset, n)
+        self.offset -= n
+        return n
+
+
+class KVCache(GrowingCache):
     """Contiguous K/V cache ``(B, Hkv, N, D)``, grown ``step`` tokens at a time.
 
     Args:
@@ -82,21 +104,6 @@ class KVCache:
     @state.setter
     def state(self, v):
         self.keys, self.values, self.offset = v
-
-    def size(self) -> int:
-        return self.offset
-
-    def empty(self) -> bool:
-        return self.keys is None
-
-    def is_trimmable(self) -> bool:
-        return True
-
-    def trim(self, n: int) -> int:
-        """Drop the last ``n`` tokens; returns how many were dropped."""
-        n = min(self.offset, n)
-        self.offset -= n
-        return n
 
     @property
     def nbytes(self) -> int:

@@ -17,13 +17,13 @@ from typing import Optional, Tuple
 import mlx.core as mx
 
 from mfa.serving.attend import cached_attention
-from mfa.serving.cache import _check_new
+from mfa.serving.cache import GrowingCache, _check_new
 from mfa.serving.view import KVView
 
 Triple = Tuple[mx.array, mx.array, mx.array]
 
 
-class QuantizedKVCache:
+class QuantizedKVCache(GrowingCache):
     """Contiguous K/V cache quantized to ``bits`` per element, grown ``step`` tokens at a time.
 
     Args:
@@ -94,21 +94,6 @@ class QuantizedKVCache:
     @state.setter
     def state(self, v):
         self.keys, self.values, self.offset, self.group_size, self.bits = v
-
-    def size(self) -> int:
-        return self.offset
-
-    def empty(self) -> bool:
-        return self.keys is None
-
-    def is_trimmable(self) -> bool:
-        return True
-
-    def trim(self, n: int) -> int:
-        """Drop the last ``n`` tokens; returns how many were dropped."""
-        n = min(self.offset, n)
-        self.offset -= n
-        return n
 
     @property
     def nbytes(self) -> int:
