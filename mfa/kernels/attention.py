@@ -337,26 +337,23 @@ def backward(target: str, spec: AttentionSpec, inputs: AttentionInputs, out: mx.
     zero_dkdv = mode in DKDV_MODES
 
     common = [q, k, v, dout, lse, delta, call.params, call.fparams, call.slopes, call.bias]
-    t = blocks.dq
-    sched, bits, count = _schedule(spec, inputs, t, transposed=False)
-    dq_mode = mode if mode in DQ_MODES else 0
-    dq, slope_part, dbias_dq = _launch(
-        target, "attention_bwd_dq",
-        _template("attention_bwd_dq", t, q.dtype, d, spec, dq_mode, dbias_dtype if dq_mode else mx.float32),
-        t.threads, [*common, sched, bits],
-        [((B, H, Nq, d), q.dtype), ((B, H, count), mx.float32),
-         (dbias_shape if dq_mode else (8,), dbias_dtype if dq_mode else mx.float32)],
-        (count, H, B), zero_outputs=zero_dq)
-    t = blocks.dkdv
-    sched, bits, count = _schedule(spec, inputs, t, transposed=True)
-    dkdv_mode = mode if mode in DKDV_MODES else 0
-    dk, dv, dbias_dkdv = _launch(
-        target, "attention_bwd_dkdv",
-        _template("attention_bwd_dkdv", t, q.dtype, d, spec, dkdv_mode, dbias_dtype if dkdv_mode else mx.float32),
-        t.threads, [*common, sched, bits],
-        [((B, Hkv, Nk, d), k.dtype), ((B, Hkv, Nk, d), v.dtype),
-         (dbias_shape if dkdv_mode else (8,), dbias_dtype if dkdv_mode else mx.float32)],
-        (count, Hkv, B), zero_outputs=zero_dkdv)
+
+    def launch_grad(name, t, transposed, modes, grads, heads, zero):
+        """One backward kernel: its gradients, plus dbias when this kernel owns the bias's reduction."""
+        sched, bits, count = _schedule(spec, inputs, t, transposed=transposed)
+        own = mode if mode in modes else 0
+        dbias_out = (dbias_shape, dbias_dtype) if own else ((8,), mx.float32)
+        results = _launch(
+            target, name, _template(name, t, q.dtype, d, spec, own, dbias_out[1]), t.threads,
+            [*common, sched, bits], [*grads(count), dbias_out], (count, heads, B), zero_outputs=zero)
+        return own, results
+
+    dq_mode, (dq, slope_part, dbias_dq) = launch_grad(
+        "attention_bwd_dq", blocks.dq, False, DQ_MODES,
+        lambda count: [((B, H, Nq, d), q.dtype), ((B, H, count), mx.float32)], H, zero_dq)
+    _, (dk, dv, dbias_dkdv) = launch_grad(
+        "attention_bwd_dkdv", blocks.dkdv, True, DKDV_MODES,
+        lambda count: [((B, Hkv, Nk, d), k.dtype), ((B, Hkv, Nk, d), v.dtype)], Hkv, zero_dkdv)
     dq, dk, dv = dq[..., :D], dk[..., :D], dv[..., :Dv]
     if dbias is not None:
         dbias = (dbias_dq if dq_mode else dbias_dkdv).astype(inputs.bias.dtype)
