@@ -27,21 +27,27 @@ class Implementation(NamedTuple):
     backward: Callable[..., AttentionGrads]
 
 
-def _native(target: str) -> Implementation:
+def _native(target: str, check: bool) -> Implementation:
     from mfa import kernels
 
     return Implementation(
-        forward=functools.partial(kernels.forward, target),
-        backward=functools.partial(kernels.backward, target),
+        forward=functools.partial(kernels.forward, target, check=check),
+        backward=functools.partial(kernels.backward, target, check=check),
     )
 
 
-def implementation(backend: str) -> Implementation:
-    """The forward/backward pair of a fused backend name."""
+def implementation(backend: str, routed: bool = False) -> Implementation:
+    """The forward/backward pair of a fused backend name.
+
+    Args:
+        backend: ``"tiled"`` or a native target.
+        routed: the router has checked each call against `mfa.kernels.unsupported_reason`, so
+            the native launchers skip that check. Default: ``False``.
+    """
     if backend == "tiled":
         return Implementation(tiled.forward, tiled_backward.backward)
     if backend in ("metal", "cuda", "emulator"):
-        return _native(backend)
+        return _native(backend, check=not routed)
     raise ValueError(f"no fused forward/backward pair for {backend=}")
 
 
@@ -49,13 +55,15 @@ def implementation(backend: str) -> Implementation:
 def attention_function(spec: AttentionSpec, backend: str, backward_backend: str = "") -> Callable:
     """The custom function ``(*inputs.arrays()) -> (out, lse)`` for ``spec`` on ``backend``.
 
+    For calls the router has checked (`mfa.ops.routing.choose`).
+
     Args:
         spec: static options of the call.
         backend: forward (and, by default, backward) implementation.
         backward_backend: a different backend for the backward, or "" for the same.
     """
-    fwd = implementation(backend)
-    bwd = implementation(backward_backend or backend)
+    fwd = implementation(backend, routed=True)
+    bwd = implementation(backward_backend or backend, routed=True)
 
     @mx.custom_function
     def attention(*arrays):
@@ -83,9 +91,10 @@ def sdpa_forward_function(spec: AttentionSpec, backward_backend: str) -> Callabl
     """Custom function ``(*inputs.arrays()) -> out``: MLX SDPA forward, mfa backward.
 
     For plain (dense, causal or not, optional sinks) calls that do not ask for lse: MLX's fused
-    forward is fastest, but its own VJP materializes the score matrix on Metal and CPU.
+    forward is fastest, but its own VJP materializes the score matrix on Metal and CPU (for
+    calls the router has checked).
     """
-    bwd = implementation(backward_backend)
+    bwd = implementation(backward_backend, routed=True)
 
     @mx.custom_function
     def attention(*arrays):

@@ -13,6 +13,8 @@ The router calls `is_available`, `unsupported_reason`, `forward` and `backward`.
 
 from __future__ import annotations
 
+import functools
+import os
 from typing import Optional, Tuple
 
 import mlx.core as mx
@@ -46,27 +48,36 @@ def unsupported_reason(target: str, spec: AttentionSpec, inputs: AttentionInputs
     """
     _check_target(target)
     q, k, v = inputs.q, inputs.k, inputs.v
-    B, H, Nq, D = q.shape
-    Nk, Dv = k.shape[2], v.shape[3]
+    bias_size = 0 if inputs.bias is None else inputs.bias.size
+    return _reason(target, build.arch_of(target), os.environ.get("MFA_BLOCKS", ""), q.shape, k.shape[2], v.shape[3],
+                   q.dtype, k.dtype, v.dtype, bias_size)
+
+
+@functools.lru_cache(maxsize=256)
+def _reason(target: str, arch: str, blocks_env: str, q_shape: Tuple[int, ...], Nk: int, Dv: int, q_dtype: mx.Dtype,
+            k_dtype: mx.Dtype, v_dtype: mx.Dtype, bias_size: int) -> Optional[str]:
+    """`unsupported_reason` of one call's shapes and dtypes (computed once per key; ``arch`` and
+    ``blocks_env``, ``$MFA_BLOCKS``, are what `attention.block_sizes` reads)."""
+    B, H, Nq, D = q_shape
     d = padded_head_dim(max(D, Dv))
     if d is None:
         return f"head dims {D=}, {Dv=} exceed 256"
-    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (mx.float16, mx.bfloat16, mx.float32):
-        return f"native kernels take one float dtype for q, k, v, got {q.dtype}, {k.dtype}, {v.dtype}"
-    arch = build.arch_of(target)
-    if arch == "cuda" and q.dtype == mx.float32:
+    if not (q_dtype == k_dtype == v_dtype) or q_dtype not in (mx.float16, mx.bfloat16, mx.float32):
+        return f"native kernels take one float dtype for q, k, v, got {q_dtype}, {k_dtype}, {v_dtype}"
+    if arch == "cuda" and q_dtype == mx.float32:
         return "the CUDA kernels use bf16/fp16 tensor cores; float32 inputs are not supported"
-    blocks = attention.block_sizes(target, d, q.dtype)
+    blocks = attention.block_sizes(target, d, q_dtype)
     if blocks.fwd is None or blocks.dq is None or blocks.dkdv is None:
-        return f"no tile of D={d} {q.dtype} fits the {arch} threadgroup memory"
-    if inputs.bias is not None and inputs.bias.size >= 2**31:
-        return f"a bias of {inputs.bias.size} elements: the kernels read it with int32 strides (< 2^31)"
+        return f"no tile of D={d} {q_dtype} fits the {arch} threadgroup memory"
+    if bias_size >= 2**31:
+        return f"a bias of {bias_size} elements: the kernels read it with int32 strides (< 2^31)"
     if target == "emulator" and B * H * Nq * Nk > EMULATOR_MAX_SCORES:
         return f"the emulator is for small shapes (B·H·Nq·Nk = {B * H * Nq * Nk} > {EMULATOR_MAX_SCORES})"
     return None
 
 
-def forward(target: str, spec: AttentionSpec, inputs: AttentionInputs) -> Tuple[mx.array, mx.array]:
+def forward(target: str, spec: AttentionSpec, inputs: AttentionInputs, *, check: bool = True
+            ) -> Tuple[mx.array, mx.array]:
     """Fused attention forward on `target`.
 
     Args:
@@ -74,24 +85,25 @@ def forward(target: str, spec: AttentionSpec, inputs: AttentionInputs) -> Tuple[
         spec: the static options (every option of `AttentionSpec`).
         inputs: q ``(B, H, Nq, D)``, k ``(B, Hkv, Nk, D)``, v ``(B, Hkv, Nk, Dv)`` and the
             optional bias, alibi_slopes, sinks and cu_seqlens (see `attention.forward`).
+        check: raise ValueError when `unsupported_reason` gives a reason (the router, which has
+            just asked, passes False). Default: ``True``.
 
     Returns:
         ``(out, lse)``: out ``(B, H, Nq, Dv)`` in q's dtype (float32 for the calls whose backward
         needs it exact: see `attention.exact_out`); lse ``(B, H, Nq)`` float32.
     """
     _check_target(target)
-    reason = unsupported_reason(target, spec, inputs)
-    if reason is not None:
-        raise ValueError(f"{target} kernels cannot run this call: {reason}")
+    if check:
+        _require_supported(target, spec, inputs)
     return attention.forward(target, spec, inputs)
 
 
 def backward(target: str, spec: AttentionSpec, inputs: AttentionInputs, out: mx.array, lse: mx.array,
-             dout: mx.array, dlse: Optional[mx.array]) -> AttentionGrads:
+             dout: mx.array, dlse: Optional[mx.array], *, check: bool = True) -> AttentionGrads:
     """Fused attention backward on `target`.
 
     Args:
-        target, spec, inputs: as in `forward`.
+        target, spec, inputs, check: as in `forward`.
         out, lse: the forward's results.
         dout: cotangent of out ``(B, H, Nq, D)``.
         dlse: cotangent of lse ``(B, H, Nq)`` float32, or None; enters as
@@ -102,7 +114,12 @@ def backward(target: str, spec: AttentionSpec, inputs: AttentionInputs, out: mx.
         dalibi_slopes / dsinks (reduced to their inputs' shapes) when those inputs are given.
     """
     _check_target(target)
+    if check:
+        _require_supported(target, spec, inputs)
+    return attention.backward(target, spec, inputs, out, lse, dout, dlse)
+
+
+def _require_supported(target: str, spec: AttentionSpec, inputs: AttentionInputs) -> None:
     reason = unsupported_reason(target, spec, inputs)
     if reason is not None:
         raise ValueError(f"{target} kernels cannot run this call: {reason}")
-    return attention.backward(target, spec, inputs, out, lse, dout, dlse)

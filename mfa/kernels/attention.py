@@ -58,6 +58,7 @@ def _constant(values: Tuple, dtype: mx.Dtype) -> mx.array:
     return p
 
 
+@functools.cache
 def _nothing(dtype: mx.Dtype = mx.float32) -> mx.array:
     """Stand-in buffer for an absent input (the kernels' signatures are fixed)."""
     return _constant((0,) * 8, dtype)
@@ -123,32 +124,41 @@ class Call:
 
     @staticmethod
     def of(spec: AttentionSpec, inputs: AttentionInputs) -> "Call":
-        B, H, Nq, _ = inputs.q.shape
-        Hkv, Nk = inputs.k.shape[1], inputs.k.shape[2]
         slopes = inputs.alibi_slopes
-        per_row = slopes is not None and slopes.ndim == 2 and slopes.shape[0] != 1
-        layout = None
-        if inputs.bias is not None:
-            layout = BiasLayout.of(inputs.bias.shape, B, H, Hkv, Nq, Nk)
+        params, fparams, layout = Call._constants(
+            spec, inputs.q.shape, inputs.k.shape, None if inputs.bias is None else inputs.bias.shape,
+            inputs.sinks is not None, None if slopes is None else slopes.shape,
+            inputs.cu_seqlens_q.shape[0] if spec.varlen else 0)
+        return Call(
+            params,
+            fparams,
+            _nothing() if inputs.sinks is None else inputs.sinks.astype(mx.float32),
+            _nothing() if slopes is None else slopes.astype(mx.float32).reshape(-1),
+            _nothing() if inputs.bias is None else inputs.bias,
+            layout,
+        )
+
+    @staticmethod
+    @functools.lru_cache(maxsize=256)
+    def _constants(spec: AttentionSpec, q_shape: Tuple[int, ...], k_shape: Tuple[int, ...], bias_shape,
+                   has_sinks: bool, slopes_shape, cu_len: int) -> Tuple[mx.array, mx.array, Optional[BiasLayout]]:
+        """``(params, fparams, bias layout)`` of `of`, from the call's shapes (made once per key)."""
+        B, H, Nq, _ = q_shape
+        Hkv, Nk = k_shape[1], k_shape[2]
+        per_row = slopes_shape is not None and len(slopes_shape) == 2 and slopes_shape[0] != 1
+        layout = None if bias_shape is None else BiasLayout.of(bias_shape, B, H, Hkv, Nq, Nk)
         strides = layout.strides if layout else (0, 0, 0, 0)
         mask = spec.block_mask
         mask_b, mask_h = mask.active.shape[:2] if mask is not None else (1, 1)
-        num_seqs = inputs.cu_seqlens_q.shape[0] - 1 if spec.varlen else 0
+        num_seqs = cu_len - 1 if spec.varlen else 0
         threshold = round(spec.dropout_p * (1 << 24))  # as mfa/ops/dropout.py
-        params = _constant((H, Hkv, Nq, Nk, *band_bounds(spec.causal, spec.window), int(inputs.sinks is not None),
+        params = _constant((H, Hkv, Nq, Nk, *band_bounds(spec.causal, spec.window), int(has_sinks),
                             int(per_row), threshold, _int32(spec.dropout_seed), *strides,
                             int(bool(layout and layout.unique)), num_seqs, mask_b, mask_h), mx.int32)
         cap = [spec.softcap * LOG2E, spec.scale / spec.softcap] if spec.softcap else [0.0, 0.0]
         keep = 1.0 / (1.0 - spec.dropout_p)
         fparams = _constant((spec.scale * LOG2E, spec.scale, *cap, keep, 0.0, 0.0, 0.0), mx.float32)
-        return Call(
-            params=params,
-            fparams=fparams,
-            sinks=_nothing() if inputs.sinks is None else inputs.sinks.astype(mx.float32),
-            slopes=_nothing() if slopes is None else slopes.astype(mx.float32).reshape(-1),
-            bias=_nothing() if inputs.bias is None else inputs.bias,
-            bias_layout=layout,
-        )
+        return params, fparams, layout
 
 
 def block_sizes(target: str, head_dim: int, dtype: mx.Dtype) -> BlockSizes:
@@ -157,8 +167,13 @@ def block_sizes(target: str, head_dim: int, dtype: mx.Dtype) -> BlockSizes:
     ``$MFA_BLOCKS`` overrides them for tuning, e.g. ``fwd=128x64x8x2,dq=64x64x4x2,dkdv=64x64x4``
     (block_q x block_k x warps [x stages] per kernel).
     """
-    blocks = BlockSizes.default(head_dim, dtype, build.arch_of(target))
-    override = os.environ.get("MFA_BLOCKS", "")
+    return _block_sizes(build.arch_of(target), head_dim, dtype, os.environ.get("MFA_BLOCKS", ""))
+
+
+@functools.lru_cache(maxsize=64)
+def _block_sizes(arch: str, head_dim: int, dtype: mx.Dtype, override: str) -> BlockSizes:
+    """`block_sizes` of a fragment family and a ``$MFA_BLOCKS`` value (computed once per key)."""
+    blocks = BlockSizes.default(head_dim, dtype, arch)
     for item in filter(None, override.split(",")):
         kernel, _, dims = item.partition("=")
         if kernel not in ("fwd", "dq", "dkdv"):
@@ -186,10 +201,10 @@ def _launch(target: str, name: str, template, threads: int, inputs, outputs, gro
             zero_outputs: bool = False):
     """Run one kernel over ``groups`` threadgroups of ``threads`` threads (outputs zero-filled first
     when ``zero_outputs``)."""
-    smem = dict(template).get("SMEM", 0)
-    k = build.kernel(target, name, build.arch_of(target), smem if target == "cuda" else 0)
-    shapes, dtypes = zip(*outputs)
-    return k(inputs=[_buffer(x) for x in inputs], output_shapes=list(shapes), output_dtypes=list(dtypes),
+    smem = next((value for key, value in template if key == "SMEM"), 0) if target == "cuda" else 0
+    k = build.kernel(target, name, build.arch_of(target), smem)
+    return k(inputs=[x if x.size >= 8 else _buffer(x) for x in inputs], output_shapes=[s for s, _ in outputs],
+             output_dtypes=[t for _, t in outputs],
              grid=(groups[0] * threads, groups[1], groups[2]), threadgroup=(threads, 1, 1), template=template,
              init_value=0 if zero_outputs else None, verbose=_verbose())
 
@@ -212,12 +227,12 @@ def _varlen_tiles(inputs: AttentionInputs, tile: int, by_keys: bool) -> Tuple[mx
 
 def _schedule(spec: AttentionSpec, inputs: AttentionInputs, tiles: Tiles, transposed: bool):
     """``(sched, bits, grid tiles)`` of one kernel: varlen tiles, block-sparse lists, or none."""
-    H, Nq = inputs.q.shape[1], inputs.q.shape[2]
-    Hkv, Nk = inputs.k.shape[1], inputs.k.shape[2]
     tile = tiles.block_k if transposed else tiles.block_q
     if spec.varlen:
         sched, count = _varlen_tiles(inputs, tile, by_keys=transposed)
         return sched, _nothing(mx.uint32), count
+    _, H, Nq, _ = inputs.q.shape
+    _, Hkv, Nk, _ = inputs.k.shape
     count = -(-(Nk if transposed else Nq) // tile)
     if spec.block_mask is None:
         return _nothing(mx.int32), _nothing(mx.uint32), count

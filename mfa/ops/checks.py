@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Optional, Tuple
 
 import mlx.core as mx
@@ -24,9 +25,10 @@ def check_qkv(q: mx.array, k: mx.array, v: mx.array, rank: int, layout: str) -> 
         require_array(name, x)
         if x.ndim != rank:
             raise ValueError(f"{name} must have rank {rank} {layout}, got shape {tuple(x.shape)}")
-    if q.dtype not in FLOAT_DTYPES:
+    dtype = q.dtype
+    if dtype not in FLOAT_DTYPES:
         raise ValueError(f"q must be float16, bfloat16 or float32, got {q.dtype}")
-    if k.dtype != q.dtype or v.dtype != q.dtype:
+    if k.dtype != dtype or v.dtype != dtype:
         raise ValueError(f"q, k, v must share one dtype, got {q.dtype=}, {k.dtype=}, {v.dtype=}")
 
 
@@ -162,7 +164,9 @@ def checked_spec(
     dropout_p,
     dropout_seed,
     backend,
-    **flags,
+    has_bias: bool = False,
+    block_mask=None,
+    varlen: bool = False,
 ) -> AttentionSpec:
     """Check the options every op shares and build the call's `AttentionSpec`.
 
@@ -170,7 +174,7 @@ def checked_spec(
         D: head dim (for the default scale).
         H: query heads.
         batch: rows a ``(batch, H)`` ALiBi table may have (B, or S sequences for varlen).
-        flags: the remaining `AttentionSpec` fields (``has_bias``, ``block_mask``, ``varlen``).
+        has_bias, block_mask, varlen: the remaining `AttentionSpec` fields.
     """
     check_scale(scale)
     window = normalize_window(window)
@@ -181,14 +185,20 @@ def checked_spec(
         check_per_head("alibi_slopes", alibi_slopes, H, batch=batch)
     if sinks is not None:
         check_per_head("sinks", sinks, H, batch=None)
+    return _spec(
+        float(D**-0.5 if scale is None else scale), bool(causal), window, None if softcap is None else float(softcap),
+        float(dropout_p), int(dropout_seed), alibi_slopes is not None, sinks is not None,
+        bool(has_bias), block_mask, bool(varlen),
+    )
+
+
+@functools.lru_cache(maxsize=1024)
+def _spec(scale: float, causal: bool, window: Optional[Tuple[int, int]], softcap: Optional[float], dropout_p: float,
+          dropout_seed: int, has_alibi: bool, has_sinks: bool, has_bias: bool, block_mask,
+          varlen: bool) -> AttentionSpec:
+    """One `AttentionSpec` object per value of the checked options (so that the caches keyed by
+    the spec downstream find it by identity rather than field by field)."""
     return AttentionSpec(
-        scale=float(D**-0.5 if scale is None else scale),
-        causal=bool(causal),
-        window=window,
-        softcap=None if softcap is None else float(softcap),
-        dropout_p=float(dropout_p),
-        dropout_seed=int(dropout_seed),
-        has_alibi=alibi_slopes is not None,
-        has_sinks=sinks is not None,
-        **flags,
+        scale=scale, causal=causal, window=window, softcap=softcap, dropout_p=dropout_p, dropout_seed=dropout_seed,
+        has_bias=has_bias, has_alibi=has_alibi, has_sinks=has_sinks, block_mask=block_mask, varlen=varlen,
     )

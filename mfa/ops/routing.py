@@ -26,6 +26,7 @@ from typing import Callable, Optional, Tuple
 
 import mlx.core as mx
 
+from mfa import kernels
 from mfa.grad import function
 from mfa.ops.spec import AttentionInputs, AttentionSpec
 
@@ -83,8 +84,6 @@ def _metal_fused(inputs: AttentionInputs) -> bool:
 
 
 def _native_reason_not(target: str, spec: AttentionSpec, inputs: AttentionInputs) -> Optional[str]:
-    from mfa import kernels
-
     if not kernels.is_available(target):
         return f"{target} kernels are not available on this machine"
     return kernels.unsupported_reason(target, spec, inputs)
@@ -97,8 +96,6 @@ def native_build_error(target: str) -> Optional[str]:
     GPU kernels compile when first evaluated, too late for the call that triggered them to fall
     back, so ``auto`` probes each GPU target once before routing to it.
     """
-    from mfa import kernels
-
     try:
         q = mx.random.normal((1, 1, 16, 64), key=mx.random.key(0)).astype(mx.float16)
         mx.eval(kernels.forward(target, AttentionSpec(scale=0.125, causal=True), AttentionInputs(q, q, q)))
@@ -112,23 +109,26 @@ def choose(requested: str, spec: AttentionSpec, inputs: AttentionInputs, return_
     """Resolve ``requested`` (a backend name or "auto") to the route that runs."""
     if requested == "auto":
         requested = os.environ.get("MFA_BACKEND", "auto") or "auto"
-    if requested == "reference":
-        return Route("reference", "requested")
-    if requested == "sdpa":
-        why = _sdpa_reason_not(spec, inputs, return_lse)
-        if why is not None:
-            raise NotImplementedError(f"backend='sdpa' cannot run this call: {why}")
-        return Route("sdpa", "requested")
     if requested in NATIVE_TARGETS:
         why = _native_reason_not(requested, spec, inputs)
         if why is not None:
             raise NotImplementedError(f"backend={requested!r} cannot run this call: {why}")
-        return Route(requested, "requested")
-    if requested == "tiled":
-        return Route("tiled", "requested")
+        return _requested(requested)
+    if requested == "sdpa":
+        why = _sdpa_reason_not(spec, inputs, return_lse)
+        if why is not None:
+            raise NotImplementedError(f"backend='sdpa' cannot run this call: {why}")
+        return _requested("sdpa")
+    if requested in ("reference", "tiled"):
+        return _requested(requested)
     if requested != "auto":
         raise ValueError(f"unknown backend {requested!r}")
     return _auto(spec, inputs, return_lse)
+
+
+@functools.cache
+def _requested(backend: str) -> Route:
+    return Route(backend, "requested")
 
 
 def _auto(spec: AttentionSpec, inputs: AttentionInputs, return_lse: bool) -> Route:
