@@ -15,7 +15,7 @@ import pytest
 from conftest import check_rule, random_qkv
 
 from mfa import BlockMask, kernels
-from mfa.kernels import attention, sparse
+from mfa.kernels import attention, offline, sparse
 from mfa.ops import dropout
 from mfa.ops.reference import attention_reference, attention_reference_varlen
 from mfa.ops.spec import AttentionInputs, AttentionSpec
@@ -182,6 +182,48 @@ def test_bias_and_its_gradient_in_every_broadcast(arch, shape, mode, unique):
     q, k, v = random_qkv(2, 4, 2, 70, 90, 64, dtype=dtype, seed=sum(shape))
     bias = mx.random.normal(shape, key=mx.random.key(len(shape))).astype(dtype)
     check(q, k, v, True, window=(40, 5), bias=bias)
+
+
+def staged_bias_flags(fn):
+    """BIAS_TILE of each attention kernel that ``fn()`` launches (recorded, not run)."""
+    return {name: dict(template)["BIAS_TILE"] for name, template, _, _ in offline.record_cuda_launches(fn)
+            if name != "attention_bwd_preprocess"}
+
+
+@pytest.mark.parametrize("shape", [(2, 4, 70, 88), (1, 4, 70, 88)])
+@pytest.mark.parametrize("causal,window", [(False, None), (True, (40, 5))])
+def test_staged_bias_tiles_and_row_by_row_dbias(arch, shape, causal, window):
+    """A bias with every row and key in whole 16-byte rows comes through shared memory (BIAS_TILE) in
+    all three kernels, partial edge tiles included, and dbias is written (or atomically added) row by row."""
+    dtype = default_dtype(arch)
+    q, k, v = random_qkv(2, 4, 2, 70, 88, 64, dtype=dtype, seed=shape[0] + 3 * causal)
+    bias = mx.random.normal(shape, key=mx.random.key(shape[0])).astype(dtype)
+    spec = AttentionSpec(scale=0.125, causal=causal, window=window, has_bias=True)
+    inputs = AttentionInputs(q, k, v, bias, None, None, None, None)
+
+    def launches():
+        out, lse = attention.forward("emulator", spec, inputs)
+        attention.backward("emulator", spec, inputs, out, lse, out, None)
+
+    assert staged_bias_flags(launches) == {"attention_fwd": 1, "attention_bwd_dq": 1, "attention_bwd_dkdv": 1}
+    check(q, k, v, causal, scale=0.125, window=window, bias=bias)
+
+
+def test_staged_bias_with_minus_inf_entries_and_everything_else(arch):
+    """BIAS_TILE with GQA, causal/window, softcap, ALiBi, sinks, dropout and -inf bias rows."""
+    dtype = default_dtype(arch)
+    q, k, v = random_qkv(2, 4, 2, 45, 72, 64, 32, dtype=dtype, seed=9)
+    bias = mx.random.normal((2, 4, 45, 72), key=mx.random.key(1))
+    bias = mx.where(mx.random.uniform(shape=bias.shape, key=mx.random.key(2)) < 0.2, -mx.inf, bias)
+    bias[:, :, 5] = -mx.inf
+    assert attention.bias_tiles(AttentionSpec(scale=0.2, has_bias=True),
+                                AttentionInputs(q, k, v, bias, None, None, None, None),
+                                attention.BiasLayout.of(bias.shape, 2, 4, 2, 45, 72))
+    slopes = mx.random.uniform(0.01, 0.2, (4,), key=mx.random.key(3))
+    sinks = mx.random.normal((4,), key=mx.random.key(4))
+    got = check(q * 2, k * 2, v, True, scale=0.2, window=(20, 3), softcap=8.0, bias=bias.astype(dtype),
+                slopes=slopes, sinks=sinks, dropout_p=0.2, dropout_seed=7)
+    assert np.isfinite(np.array(got["dbias"].astype(mx.float32))).all()
 
 
 def test_bias_with_minus_inf_entries_and_everything_else(arch):

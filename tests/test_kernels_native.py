@@ -38,6 +38,16 @@ def test_bias_and_dbias(target, shape):
     check(q, k, v, True, target=target, window=(200, -1), bias=bias)
 
 
+@pytest.mark.parametrize("shape,dtype", [((2, 4, 600, 560), mx.bfloat16), ((1, 4, 600, 560), mx.bfloat16),
+                                         ((2, 4, 600, 560), mx.float32)])
+@pytest.mark.parametrize("window", [None, (200, 100)])
+def test_staged_bias_and_dbias(target, shape, dtype, window):
+    """Biases staged tile by tile through shared memory (BIAS_TILE), with plain and atomic dbias."""
+    q, k, v = random_qkv(2, 4, 2, 600, 560, 64, dtype=mx.bfloat16, seed=31)
+    bias = mx.random.normal(shape, key=mx.random.key(6)).astype(dtype)
+    check(q, k, v, False, target=target, window=window, bias=bias)
+
+
 @pytest.mark.parametrize("lengths", [[700, 0, 65, 1, 300], [128, 256, 0, 64]])
 def test_varlen(target, lengths):
     lengths_k = [n + 17 * (i % 2) for i, n in enumerate(lengths)]

@@ -22,11 +22,11 @@ from typing import Optional, Tuple
 import mlx.core as mx
 
 from mfa.kernels import build, sparse
-from mfa.kernels.blocks import BlockSizes, Tiles, padded_head_dim, shared_bytes
+from mfa.kernels.blocks import SHARED_LIMIT, BlockSizes, Tiles, padded_head_dim, shared_bytes
 from mfa.ops.spec import AttentionGrads, AttentionInputs, AttentionSpec
 
 LOG2E = math.log2(math.e)
-PREPROCESS_ROWS = 16  # rows per threadgroup of the backward preprocess (4 warps x 4 rows)
+PREPROCESS_ROWS = 32  # rows per threadgroup of the backward preprocess (4 warps x 8 rows)
 UNBOUNDED = sparse.UNBOUNDED  # band side without a bound (metal/band.h: kUnbounded)
 
 # dbias modes (the DBIAS template value): which kernel reduces dS to the bias's shape
@@ -182,14 +182,23 @@ def _block_sizes(arch: str, head_dim: int, dtype: mx.Dtype, override: str) -> Bl
     return blocks
 
 
-def _template(name: str, tiles: Tiles, dtype: mx.Dtype, d: int, spec: AttentionSpec, dbias: int = 0,
+def _template(target: str, name: str, tiles: Tiles, dtype: mx.Dtype, d: int, spec: AttentionSpec,
+              bias_dtype: mx.Dtype = mx.float32, stage_bias: bool = False, dbias: int = 0,
               dbias_dtype: mx.Dtype = mx.float32, exact: bool = False):
-    """Template values of an attention kernel: the tiles, then the variant switches."""
+    """Template values of an attention kernel: the tiles, then the variant switches.
+
+    ``stage_bias`` (see `bias_tiles`) turns on BIAS_TILE where the staged tiles fit the target's
+    shared memory; the kernel reads the bias element by element otherwise.
+    """
+    stage_dbias = stage_bias and dbias == DBIAS_ELEMENTS
+    smem = shared_bytes(name, tiles, d, dtype.size, bias_dtype.size if stage_bias else 0, stage_dbias)
+    if stage_bias and smem > SHARED_LIMIT[build.arch_of(target)]:
+        stage_bias, smem = False, shared_bytes(name, tiles, d, dtype.size)
     template = [("T", dtype), ("D", d), ("BQ", tiles.block_q), ("BK", tiles.block_k), ("NW", tiles.warps),
-                ("STAGES", tiles.stages), ("SMEM", shared_bytes(name, tiles, d, dtype.size)),
+                ("STAGES", tiles.stages), ("SMEM", smem),
                 ("SOFTCAP", int(bool(spec.softcap))), ("ALIBI", int(spec.has_alibi)), ("BIAS", int(spec.has_bias)),
                 ("VARLEN", int(spec.varlen)), ("SPARSE", int(spec.block_mask is not None)),
-                ("DROPOUT", int(spec.has_dropout))]
+                ("DROPOUT", int(spec.has_dropout)), ("BIAS_TILE", int(stage_bias)), ("TB", bias_dtype)]
     if name == "attention_fwd":
         template += [("EXACT", int(exact))]
     else:
@@ -241,6 +250,19 @@ def _schedule(spec: AttentionSpec, inputs: AttentionInputs, tiles: Tiles, transp
     return s.sched, _nothing(mx.uint32) if s.bits is None else s.bits, count
 
 
+def bias_tiles(spec: AttentionSpec, inputs: AttentionInputs, layout: Optional[BiasLayout]) -> bool:
+    """Whether the kernels may stage the bias tile by tile through shared memory (BIAS_TILE).
+
+    For a bias with every query row and key (``(B|1, H|1, Nq, Nk)``, Nq > 1, dense) whose rows are
+    whole 16-byte chunks: the tiles then come in with contiguous (asynchronous, on CUDA) copies
+    instead of one scattered read per score, and the dq kernel writes dbias row by row.  The
+    alignment holds because MLX passes such a bias contiguous, at an offset of whole rows.
+    """
+    if layout is None or layout.mode != DBIAS_ELEMENTS or spec.varlen:
+        return False
+    return inputs.q.shape[2] > 1 and (inputs.k.shape[2] * inputs.bias.dtype.size) % 16 == 0
+
+
 def exact_out(spec: AttentionSpec, layout: Optional[BiasLayout]) -> bool:
     """Whether the forward keeps ``out`` in float32 for the backward.
 
@@ -279,7 +301,9 @@ def forward(target: str, spec: AttentionSpec, inputs: AttentionInputs) -> Tuple[
     call = Call.of(spec, inputs)
     sched, bits, count = _schedule(spec, inputs, tiles, transposed=False)
     exact = exact_out(spec, call.bias_layout)
-    out, lse = _launch(target, "attention_fwd", _template("attention_fwd", tiles, q.dtype, d, spec, exact=exact),
+    template = _template(target, "attention_fwd", tiles, q.dtype, d, spec, call.bias.dtype,
+                         bias_tiles(spec, inputs, call.bias_layout), exact=exact)
+    out, lse = _launch(target, "attention_fwd", template,
                        tiles.threads,
                        [q, k, v, call.params, call.fparams, call.sinks, call.slopes, call.bias, sched, bits],
                        [((B, H, Nq, d), mx.float32 if exact else q.dtype), ((B, H, Nq), mx.float32)],
@@ -352,6 +376,7 @@ def backward(target: str, spec: AttentionSpec, inputs: AttentionInputs, out: mx.
     zero_dkdv = mode in DKDV_MODES
 
     common = [q, k, v, dout, lse, delta, call.params, call.fparams, call.slopes, call.bias]
+    stage_bias = bias_tiles(spec, inputs, layout)
 
     def launch_grad(name, t, transposed, modes, grads, heads, zero):
         """One backward kernel: its gradients, plus dbias when this kernel owns the bias's reduction."""
@@ -359,7 +384,8 @@ def backward(target: str, spec: AttentionSpec, inputs: AttentionInputs, out: mx.
         own = mode if mode in modes else 0
         dbias_out = (dbias_shape, dbias_dtype) if own else ((8,), mx.float32)
         results = _launch(
-            target, name, _template(name, t, q.dtype, d, spec, own, dbias_out[1]), t.threads,
+            target, name, _template(target, name, t, q.dtype, d, spec, call.bias.dtype, stage_bias, own, dbias_out[1]),
+            t.threads,
             [*common, sched, bits], [*grads(count), dbias_out], (count, heads, B), zero_outputs=zero)
         return own, results
 

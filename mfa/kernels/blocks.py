@@ -42,8 +42,13 @@ class Tiles:
         return 32 * self.warps
 
 
-def shared_bytes(kernel: str, t: Tiles, d: int, itemsize: int) -> int:
-    """Threadgroup memory of a kernel (the SMEM template value; the bodies static_assert it)."""
+def shared_bytes(kernel: str, t: Tiles, d: int, itemsize: int, bias_itemsize: int = 0,
+                 stage_dbias: bool = False) -> int:
+    """Threadgroup memory of a kernel (the SMEM template value; the bodies static_assert it).
+
+    ``bias_itemsize``: the bias's element size when its tiles are staged (BIAS_TILE), else 0;
+    ``stage_dbias``: the dq kernel also gathers dS tiles (float32) for contiguous dbias writes.
+    """
     if kernel == "attention_bwd_preprocess":
         return 0
     rows = {
@@ -52,6 +57,10 @@ def shared_bytes(kernel: str, t: Tiles, d: int, itemsize: int) -> int:
         "attention_bwd_dkdv": 2 * t.block_k + 2 * t.stages * t.block_q,  # K, V + stages x (Q, dO)
     }[kernel]
     extra = 8 * t.stages * t.block_q if kernel == "attention_bwd_dkdv" else 0  # lse, delta rows (float32)
+    if bias_itemsize:  # stages x (block_q x block_k) bias tiles, rows padded by 16 bytes
+        extra += t.stages * t.block_q * (t.block_k * bias_itemsize + 16)
+    if stage_dbias:
+        extra += t.block_q * (t.block_k + 4) * 4
     return rows * row_stride(d) * itemsize + extra
 
 

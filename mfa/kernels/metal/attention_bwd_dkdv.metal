@@ -12,14 +12,18 @@
 //   outputs:  dk, dv (B, HKV, NK, D) in T; dbias (the bias's shape) in TDB with DBIAS 3 (bias
 //             broadcast over query rows: per key, summed over rows) or 4 (over rows and keys)
 //   template: T, D, BQ, BK, NW, STAGES (work items in flight), SMEM, SOFTCAP, ALIBI, BIAS, VARLEN,
-//             SPARSE, DROPOUT, DBIAS (0: none or done by the dq kernel; 3; 4), TDB (dbias type)
+//             SPARSE, DROPOUT, BIAS_TILE, TB (as in attention_fwd.metal; the bias tile of a work
+//             item is staged with its Q and dO), DBIAS (0: none or done by the dq kernel; 3; 4),
+//             TDB (dbias type)
 //   grid (tiles·32·NW, HKV, B), tiles = ceil(NK/BK) or for varlen (NK + S·(BK − 1)) / BK;
 //   threadgroup (32·NW, 1, 1)
 using namespace mfa;
 constexpr int NT = 32 * NW;
 constexpr int WM = BK / NW;  // key rows per warp
 constexpr int LD = D + 8;
-constexpr int QSTAGE = 2 * BQ * LD * int(sizeof(T)) + 2 * BQ * 4;  // bytes of Q, dO, lse, delta
+constexpr int LDB = BK + 16 / int(sizeof(TB));  // padded row stride of a staged bias tile (query rows x keys)
+// bytes of one stage: Q, dO, lse, delta (and the bias tile)
+constexpr int QSTAGE = 2 * BQ * LD * int(sizeof(T)) + 2 * BQ * 4 + BIAS_TILE * BQ * LDB * int(sizeof(TB));
 static_assert(WM % kFragRows == 0, "BK/NW must be a multiple of the fragment height");
 static_assert(SMEM >= 2 * BK * LD * int(sizeof(T)) + STAGES * QSTAGE, "SMEM too small");
 
@@ -89,6 +93,12 @@ for (int w = 1 - STAGES; w < nwork; ++w) {
     MFA_TG float* dL = reinterpret_cast<MFA_TG float*>(dQ + 2 * BQ * LD);
     copy_tile_async<BQ, D, NT>(dQ, LD, q + rows * D, D, sg.nq - q0, tid);
     copy_tile_async<BQ, D, NT>(dQ + BQ * LD, LD, dout + rows * D, D, sg.nq - q0, tid);
+    if (BIAS_TILE) {
+      const long bias_at = long(b) * params[kBiasStrideB] + long(hk * group + gn) * params[kBiasStrideH] +
+                           long(q0) * bias_sq + k0;
+      copy_tile_async<BQ, BK, NT>(reinterpret_cast<MFA_TG TB*>(dL + 2 * BQ), LDB, bias + bias_at, bias_sq,
+                                  sg.nq - q0, tid, sg.nk - k0);
+    }
     for (int i = tid; i < BQ; i += NT) {
       const bool valid = q0 + i < sg.nq;
       const float l = valid ? lse[rows + i] : 0.0f;
@@ -113,6 +123,7 @@ for (int w = 1 - STAGES; w < nwork; ++w) {
   MFA_TG const T* sdO = sQ + BQ * LD;
   MFA_TG const float* sLse = reinterpret_cast<MFA_TG const float*>(sQ + 2 * BQ * LD);
   MFA_TG const float* sDelta = sLse + BQ;
+  MFA_TG const TB* sBt = reinterpret_cast<MFA_TG const TB*>(sDelta + BQ);  // BIAS_TILE: (query, key)
 
   // dPᵀ = v·doutᵀ and the scores k·qᵀ (transposed: this warp's rows are keys)
   Acc<WM, BQ> pt, dst;
@@ -132,7 +143,11 @@ for (int w = 1 - STAGES; w < nwork; ++w) {
     float p = 0.0f;
     if (keep) {
       float xs = sc.log2_score(pt.v[i], r, j);
-      if (BIAS) xs += 1.4426950408889634f * float(bias[bias_head + long(r) * bias_sq + long(j) * bias_sk]);
+      if (BIAS) {
+        const float bv = BIAS_TILE ? float(sBt[c * LDB + j - k0])
+                                   : float(bias[bias_head + long(r) * bias_sq + long(j) * bias_sk]);
+        xs += 1.4426950408889634f * bv;
+      }
       p = mfa_exp2f(xs - sLse[c]);
     }
     const float z = DROPOUT ? drop.factor(sg.q_lo + r, sg.k_lo + j) : 1.0f;
@@ -177,5 +192,10 @@ mfa_async_wait<0>();
 
 MFA_UNROLL
 for (int i = 0; i < Acc<WM, D>::SIZE; ++i) dk.v[i] *= scale;
-store_acc(dk, dk_out + (kv_base + warp * WM) * D, D, sg.nk - key0, lc);
-store_acc(dv, dv_out + (kv_base + warp * WM) * D, D, sg.nk - key0, lc);
+// through shared memory (this warp's rows of the K and V tiles), so that whole rows are stored
+mfa_barrier();  // every copy into the K and V tiles has landed, even when no work item ran
+acc_to_shared(dk, sK + warp * WM * LD, LD, lc);
+acc_to_shared(dv, sV + warp * WM * LD, LD, lc);
+mfa_barrier();
+store_tile<BK, D, NT>(dk_out + kv_base * D, D, sK, LD, sg.nk - k0, tid);
+store_tile<BK, D, NT>(dv_out + kv_base * D, D, sV, LD, sg.nk - k0, tid);

@@ -12,14 +12,21 @@
 //             tile's share of dL/dslope; dbias (the bias's shape) in TDB with DBIAS 1 (per
 //             element) or 2 (bias broadcast over keys: per row, summed over the tile's keys)
 //   template: T, D, BQ, BK, NW, STAGES, SMEM, SOFTCAP, ALIBI, BIAS, VARLEN, SPARSE, DROPOUT,
-//             DBIAS (0: none or done by the dk/dv kernel; 1; 2), TDB (dbias type)
+//             BIAS_TILE, TB as in attention_fwd.metal, DBIAS (0: none or done by the dk/dv kernel;
+//             1; 2), TDB (dbias type).  DBIAS 1 with BIAS_TILE gathers each tile's dS in shared
+//             memory and adds it to dbias row by row (contiguous stores).
 //   grid (tiles·32·NW, H, B) as in attention_fwd.metal, threadgroup (32·NW, 1, 1)
 using namespace mfa;
 constexpr int NT = 32 * NW;
 constexpr int WM = BQ / NW;  // query rows per warp
 constexpr int LD = D + 8;
+constexpr int LDB = BK + 16 / int(sizeof(TB));  // padded row stride of a staged bias tile
+constexpr int LDG = BK + 4;                     // ... and of the staged dS tile (float32)
+constexpr bool STAGE_DBIAS = BIAS_TILE && DBIAS == 1;
 static_assert(WM % kFragRows == 0, "BQ/NW must be a multiple of the fragment height");
-static_assert(SMEM >= (2 * BQ + 2 * STAGES * BK) * LD * int(sizeof(T)), "SMEM too small");
+static_assert(SMEM >= (2 * BQ + 2 * STAGES * BK) * LD * int(sizeof(T)) + BIAS_TILE * STAGES * BQ * LDB * int(sizeof(TB)) +
+                          STAGE_DBIAS * BQ * LDG * 4,
+              "SMEM too small");
 
 const int h = int(threadgroup_position_in_grid.y);
 const int b = int(threadgroup_position_in_grid.z);
@@ -51,6 +58,8 @@ MFA_SHARED(smem, SMEM);
 MFA_TG T* sQ = reinterpret_cast<MFA_TG T*>(smem);
 MFA_TG T* sdO = sQ + BQ * LD;
 MFA_TG T* sKV = sdO + BQ * LD;  // STAGES x (K tile, V tile)
+MFA_TG TB* sB = reinterpret_cast<MFA_TG TB*>(sKV + STAGES * 2 * BK * LD);  // BIAS_TILE: STAGES x bias tile
+MFA_TG float* sG = reinterpret_cast<MFA_TG float*>(sB + BIAS_TILE * STAGES * BQ * LDB);  // STAGE_DBIAS: dS
 MFA_DEV const T* Kg = k + (long(b * HKV + hk) * NK + sg.k_lo) * D;
 MFA_DEV const T* Vg = v + (long(b * HKV + hk) * NK + sg.k_lo) * D;
 const long row_base = long(b * H + h) * NQ + sg.q_lo + q0;
@@ -98,6 +107,9 @@ for (int t = 1 - STAGES; t < ntiles; ++t) {
     MFA_TG T* dst = sKV + (tn % STAGES) * 2 * BK * LD;
     copy_tile_async<BK, D, NT>(dst, LD, Kg + long(kn) * D, D, sg.nk - kn, tid);
     copy_tile_async<BK, D, NT>(dst + BK * LD, LD, Vg + long(kn) * D, D, sg.nk - kn, tid);
+    if (BIAS_TILE)
+      copy_tile_async<BQ, BK, NT>(sB + (tn % STAGES) * BQ * LDB, LDB, bias + bias_head + long(q0) * bias_sq + kn,
+                                  bias_sq, sg.nq - q0, tid, sg.nk - kn);
   }
   mfa_async_commit();
   if (t < 0) continue;
@@ -105,6 +117,7 @@ for (int t = 1 - STAGES; t < ntiles; ++t) {
   mfa_barrier();
   MFA_TG const T* sK = sKV + (t % STAGES) * 2 * BK * LD;
   MFA_TG const T* sV = sK + BK * LD;
+  MFA_TG const TB* sBt = sB + (t % STAGES) * BQ * LDB;
   const int k0 = (SPARSE ? list.get(t, 0) : t_first + t) * BK;
   const int partial = SPARSE ? list.get(t, 1) : -1;
 
@@ -127,26 +140,36 @@ for (int t = 1 - STAGES; t < ntiles; ++t) {
     float p = 0.0f;
     if (keep) {
       float xs = sc.log2_score(s.v[i], r, j);
-      if (BIAS) xs += 1.4426950408889634f * float(bias[bias_at]);
+      if (BIAS) xs += 1.4426950408889634f * (BIAS_TILE ? float(sBt[(r - q0) * LDB + j - k0]) : float(bias[bias_at]));
       p = mfa_exp2f(xs - lse_rows.v[slot]);
     }
     const float dp = DROPOUT ? ds.v[i] * drop.factor(sg.q_lo + r, sg.k_lo + j) : ds.v[i];
     const float g = p * (dp - delta_rows.v[slot]);  // dL/d(score)
     if (ALIBI) dslope += g * sc.alibi_grad(r, j);
-    if (DBIAS == 1 && r < sg.nq && j < sg.nk && (dbias_unique || keep)) dbias_add(dbias, bias_at, g, dbias_unique);
+    if (STAGE_DBIAS) sG[(r - q0) * LDG + j - k0] = g;
+    else if (DBIAS == 1 && r < sg.nq && j < sg.nk && (dbias_unique || keep)) dbias_add(dbias, bias_at, g, dbias_unique);
     if (DBIAS == 2) dbias_rows.v[slot] += g;
     ds.v[i] = g * sc.cap_grad(s.v[i]);
   }
 
   // dq += dS_raw·k
   mma_ab<BK>(dq, ds, sK, LD, lc);
+  if (STAGE_DBIAS) {
+    mfa_barrier();  // the whole dS tile is in sG
+    dbias_add_tile<BQ, BK, NT>(dbias, bias_head + long(q0) * bias_sq + k0, bias_sq, sG, LDG, sg.nq - q0, sg.nk - k0,
+                               dbias_unique, tid);
+  }
   mfa_barrier();
 }
 mfa_async_wait<0>();
 
 MFA_UNROLL
 for (int i = 0; i < Acc<WM, D>::SIZE; ++i) dq.v[i] *= scale;
-store_acc(dq, dq_out + (row_base + warp * WM) * D, D, sg.nq - row0, lc);
+// through shared memory (this warp's rows of the Q tile), so that whole rows are stored
+mfa_barrier();  // every copy into the Q tile has landed, even when no key tile was visited
+acc_to_shared(dq, sQ + warp * WM * LD, LD, lc);
+mfa_barrier();
+store_tile<BQ, D, NT>(dq_out + row_base * D, D, sQ, LD, sg.nq - q0, tid);
 
 if (DBIAS == 2) {
   // bias broadcast over keys: one entry per query row, summed over this row's keys

@@ -8,12 +8,14 @@
 // query rows; the loop visits only the key tiles of its band (or of its block-sparse list).
 //   inputs:   q (B, H, NQ, D), k (B, HKV, NK, D), v (B, HKV, NK, D) in T,
 //             params int32 (variants.h: Param), fparams float32 (band.h: Scores; [4] = 1/(1-p)),
-//             sinks (H,) float32, slopes (1|B|S, H) float32, bias (B|1, H|1, NQ|1, NK|1),
+//             sinks (H,) float32, slopes (1|B|S, H) float32, bias (B|1, H|1, NQ|1, NK|1) in TB,
 //             sched int32 (varlen sequences or block-sparse lists), bits uint32 (partial tiles)
 //   outputs:  out (B, H, NQ, D) in T, lse (B, H, NQ) float32 (natural log; -inf on empty rows)
 //   template: T, D, BQ, BK, NW, STAGES (key/value tiles in flight), SMEM (shared bytes), the
-//             variant switches SOFTCAP, ALIBI, BIAS, VARLEN, SPARSE, DROPOUT (0/1), and EXACT
-//             (1: out written in float32 from an unrounded P, see mfa/kernels/attention.py)
+//             variant switches SOFTCAP, ALIBI, BIAS, VARLEN, SPARSE, DROPOUT (0/1), BIAS_TILE (1:
+//             the bias has every query row and key, and its tiles come through shared memory
+//             with the key/value tiles), TB (the bias's type) and EXACT (1: out written in
+//             float32 from an unrounded P, see mfa/kernels/attention.py)
 // Sinks enter the softmax denominator as one more logit per head: the running max and sum
 // start at (sink, 1) instead of (-inf, 0).
 //   grid (tiles·32·NW, H, B), threadgroup (32·NW, 1, 1); tiles = ceil(NQ/BQ), or for varlen the
@@ -22,8 +24,10 @@ using namespace mfa;
 constexpr int NT = 32 * NW;
 constexpr int WM = BQ / NW;  // query rows per warp
 constexpr int LD = D + 8;    // padded row stride of the shared tiles, in elements
+constexpr int LDB = BK + 16 / int(sizeof(TB));  // padded row stride of a staged bias tile
 static_assert(WM % kFragRows == 0, "BQ/NW must be a multiple of the fragment height");
-static_assert(SMEM >= (BQ + 2 * STAGES * BK) * LD * int(sizeof(T)), "SMEM too small");
+static_assert(SMEM >= (BQ + 2 * STAGES * BK) * LD * int(sizeof(T)) + BIAS_TILE * STAGES * BQ * LDB * int(sizeof(TB)),
+              "SMEM too small");
 
 const int h = int(threadgroup_position_in_grid.y);
 const int b = int(threadgroup_position_in_grid.z);
@@ -49,6 +53,7 @@ const int hk = h / (H / HKV);  // GQA: the key/value head shared by this query h
 MFA_SHARED(smem, SMEM);
 MFA_TG T* sQ = reinterpret_cast<MFA_TG T*>(smem);
 MFA_TG T* sKV = sQ + BQ * LD;  // STAGES x (K tile, V tile)
+MFA_TG TB* sB = reinterpret_cast<MFA_TG TB*>(sKV + STAGES * 2 * BK * LD);  // BIAS_TILE: STAGES x bias tile
 const long q_rows = long(b * H + h) * NQ + sg.q_lo;  // row 0 of this head's sequence
 MFA_DEV const T* Kg = k + (long(b * HKV + hk) * NK + sg.k_lo) * D;
 MFA_DEV const T* Vg = v + (long(b * HKV + hk) * NK + sg.k_lo) * D;
@@ -88,6 +93,9 @@ for (int t = 1 - STAGES; t < ntiles; ++t) {
     MFA_TG T* dst = sKV + (tn % STAGES) * 2 * BK * LD;
     copy_tile_async<BK, D, NT>(dst, LD, Kg + long(kn) * D, D, sg.nk - kn, tid);
     copy_tile_async<BK, D, NT>(dst + BK * LD, LD, Vg + long(kn) * D, D, sg.nk - kn, tid);
+    if (BIAS_TILE)
+      copy_tile_async<BQ, BK, NT>(sB + (tn % STAGES) * BQ * LDB, LDB, bias + bias_head + long(q0) * bias_sq + kn,
+                                  bias_sq, sg.nq - q0, tid, sg.nk - kn);
   }
   mfa_async_commit();
   if (t < 0) continue;
@@ -95,6 +103,7 @@ for (int t = 1 - STAGES; t < ntiles; ++t) {
   mfa_barrier();
   MFA_TG const T* sK = sKV + (t % STAGES) * 2 * BK * LD;
   MFA_TG const T* sV = sK + BK * LD;
+  MFA_TG const TB* sBt = sB + (t % STAGES) * BQ * LDB;
   const int k0 = (SPARSE ? list.get(t, 0) : t_first + t) * BK;
   const int partial = SPARSE ? list.get(t, 1) : -1;
 
@@ -111,7 +120,11 @@ for (int t = 1 - STAGES; t < ntiles; ++t) {
     float x = -MFA_INF;
     if (keep) {
       x = sc.log2_score(s.v[i], r, j);
-      if (BIAS) x += 1.4426950408889634f * float(bias[bias_head + long(r) * bias_sq + long(j) * bias_sk]);
+      if (BIAS) {
+        const float bv = BIAS_TILE ? float(sBt[(r - q0) * LDB + j - k0])
+                                   : float(bias[bias_head + long(r) * bias_sq + long(j) * bias_sk]);
+        x += 1.4426950408889634f * bv;
+      }
     }
     s.v[i] = x;
   }
@@ -161,5 +174,14 @@ for (int r = 0; r < RowVec<WM>::SIZE; ++r) {
 MFA_UNROLL
 for (int i = 0; i < Acc<WM, D>::SIZE; ++i) o.v[i] *= inv.v[Acc<WM, D>::slot(i)];
 const int rows_valid = sg.nq - row0;
-store_acc(o, out + (q_rows + row0) * D, D, rows_valid, lc);
+if (EXACT) {
+  store_acc(o, out + (q_rows + row0) * D, D, rows_valid, lc);
+} else {
+  // through shared memory (this warp's rows of the Q tile), so that whole rows are stored
+  mfa_barrier();  // every copy into the Q tile has landed, even when no key tile was visited
+  acc_to_shared(o, sQ + warp * WM * LD, LD, lc);
+  mfa_barrier();
+  // (out is T here; the cast only lets the EXACT instantiation, whose out is float, compile)
+  store_tile<BQ, D, NT>(reinterpret_cast<MFA_DEV T*>(out) + (q_rows + q0) * D, D, sQ, LD, sg.nq - q0, tid);
+}
 store_rows(lse_rows, lse + q_rows + row0, rows_valid, lc);

@@ -10,6 +10,7 @@
 #pragma once
 
 #include <cmath>
+#include <cstring>
 #include <cstdint>
 
 #include "emu/runtime.h"
@@ -52,6 +53,8 @@ MFA_FUNC void mfa_atomic_add(float* p, float v) { *p += v; }
 MFA_FUNC void mfa_copy16(MFA_TG void* dst, MFA_DEV const void* src, bool valid) {
   emu::async_copy16(dst, src, valid ? 16 : 0);
 }
+// Store 16 bytes from threadgroup to device memory.
+MFA_FUNC void mfa_store16(MFA_DEV void* dst, MFA_TG const void* src) { std::memcpy(dst, src, 16); }
 MFA_FUNC void mfa_async_commit() { emu::async_commit(); }
 template <int Keep>
 MFA_FUNC void mfa_async_wait() { emu::async_wait(Keep); }

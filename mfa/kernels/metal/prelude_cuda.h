@@ -38,6 +38,10 @@ MFA_FUNC void mfa_copy16(void* dst, const void* src, bool valid) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(mfa_smem_addr(dst)),
                "l"(src), "r"(valid ? 16 : 0));
 }
+// Store 16 bytes from shared to global memory.
+MFA_FUNC void mfa_store16(void* dst, const void* src) {
+  *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
+}
 MFA_FUNC void mfa_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int Keep>
 MFA_FUNC void mfa_async_wait() {

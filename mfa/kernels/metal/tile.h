@@ -4,11 +4,12 @@
 namespace mfa {
 
 // Copy a ROWS x COLS tile (row stride lds) into threadgroup memory (row stride ldd) with all
-// NT threads, 16 bytes per copy; rows >= rows_valid are zero-filled.  Asynchronous on CUDA:
-// follow with mfa_async_commit() and mfa_async_wait<n>() before a barrier.
+// NT threads, 16 bytes per copy; rows >= rows_valid and columns >= cols_valid (a multiple of
+// 16 bytes) are zero-filled and not read.  Asynchronous on CUDA: follow with mfa_async_commit()
+// and mfa_async_wait<n>() before a barrier.
 template <int ROWS, int COLS, int NT, typename T>
 MFA_FUNC void copy_tile_async(MFA_TG T* dst, int ldd, MFA_DEV const T* src, int lds, int rows_valid,
-                              int tid) {
+                              int tid, int cols_valid = COLS) {
   enum : int { E = 16 / int(sizeof(T)), CPR = COLS / E, CHUNKS = ROWS * CPR };
   static_assert(COLS % E == 0, "tile rows must be whole 16-byte chunks");
   MFA_UNROLL
@@ -16,10 +17,33 @@ MFA_FUNC void copy_tile_async(MFA_TG T* dst, int ldd, MFA_DEV const T* src, int 
     const int i = it * NT + tid;
     if (CHUNKS % NT == 0 || i < CHUNKS) {
       const int r = i / CPR, e = (i % CPR) * E;
-      const bool valid = r < rows_valid;
-      mfa_copy16(dst + r * ldd + e, src + (valid ? r : 0) * lds + e, valid);
+      const bool valid = r < rows_valid && e < cols_valid;
+      mfa_copy16(dst + r * ldd + e, src + (valid ? r * lds + e : 0), valid);
     }
   }
+}
+
+// Copy rows < rows_valid of a ROWS x COLS threadgroup tile (row stride lds) to device memory
+// (row stride ldd) with all NT threads, 16 bytes per store: a warp writes whole rows.
+template <int ROWS, int COLS, int NT, typename T>
+MFA_FUNC void store_tile(MFA_DEV T* dst, int ldd, MFA_TG const T* src, int lds, int rows_valid, int tid) {
+  enum : int { E = 16 / int(sizeof(T)), CPR = COLS / E, CHUNKS = ROWS * CPR };
+  static_assert(COLS % E == 0, "tile rows must be whole 16-byte chunks");
+  MFA_UNROLL
+  for (int it = 0; it < (CHUNKS + NT - 1) / NT; ++it) {
+    const int i = it * NT + tid;
+    if (CHUNKS % NT == 0 || i < CHUNKS) {
+      const int r = i / CPR, e = (i % CPR) * E;
+      if (r < rows_valid) mfa_store16(dst + r * ldd + e, src + r * lds + e);
+    }
+  }
+}
+
+// Write a warp's accumulator into threadgroup memory (row stride ld), as T.
+template <int M, int N, typename T>
+MFA_FUNC void acc_to_shared(MFA_THR const Acc<M, N>& a, MFA_TG T* dst, int ld, LaneCoord lc) {
+  MFA_UNROLL
+  for (int i = 0; i < Acc<M, N>::SIZE; ++i) dst[Acc<M, N>::row(lc, i) * ld + Acc<M, N>::col(lc, i)] = static_cast<T>(a.v[i]);
 }
 
 // Write rows < rows_valid of a warp's accumulator to device memory (row stride ld), as T.
