@@ -182,6 +182,7 @@ def _block_sizes(arch: str, head_dim: int, dtype: mx.Dtype, override: str) -> Bl
     return blocks
 
 
+@functools.lru_cache(maxsize=256)
 def _template(target: str, name: str, tiles: Tiles, dtype: mx.Dtype, d: int, spec: AttentionSpec,
               bias_dtype: mx.Dtype = mx.float32, stage_bias: bool = False, dbias: int = 0,
               dbias_dtype: mx.Dtype = mx.float32, exact: bool = False):
@@ -191,7 +192,8 @@ def _template(target: str, name: str, tiles: Tiles, dtype: mx.Dtype, d: int, spe
     shared memory; the kernel reads the bias element by element otherwise.
     """
     stage_dbias = stage_bias and dbias == DBIAS_ELEMENTS
-    smem = shared_bytes(name, tiles, d, dtype.size, bias_dtype.size if stage_bias else 0, stage_dbias)
+    smem = shared_bytes(name, tiles, d, dtype.size, bias_dtype.size if stage_bias else 0,
+                        dbias_dtype.size if stage_dbias else 0)
     if stage_bias and smem > SHARED_LIMIT[build.arch_of(target)]:
         stage_bias, smem = False, shared_bytes(name, tiles, d, dtype.size)
     template = [("T", dtype), ("D", d), ("BQ", tiles.block_q), ("BK", tiles.block_k), ("NW", tiles.warps),
@@ -203,7 +205,7 @@ def _template(target: str, name: str, tiles: Tiles, dtype: mx.Dtype, d: int, spe
         template += [("EXACT", int(exact))]
     else:
         template += [("DBIAS", dbias), ("TDB", dbias_dtype)]
-    return template
+    return tuple(template)
 
 
 def _launch(target: str, name: str, template, threads: int, inputs, outputs, groups: Tuple[int, int, int],
@@ -214,7 +216,7 @@ def _launch(target: str, name: str, template, threads: int, inputs, outputs, gro
     k = build.kernel(target, name, build.arch_of(target), smem)
     return k(inputs=[x if x.size >= 8 else _buffer(x) for x in inputs], output_shapes=[s for s, _ in outputs],
              output_dtypes=[t for _, t in outputs],
-             grid=(groups[0] * threads, groups[1], groups[2]), threadgroup=(threads, 1, 1), template=template,
+             grid=(groups[0] * threads, groups[1], groups[2]), threadgroup=(threads, 1, 1), template=list(template),
              init_value=0 if zero_outputs else None, verbose=_verbose())
 
 
@@ -395,7 +397,10 @@ def backward(target: str, spec: AttentionSpec, inputs: AttentionInputs, out: mx.
     _, (dk, dv, dbias_dkdv) = launch_grad(
         "attention_bwd_dkdv", blocks.dkdv, True, DKDV_MODES,
         lambda count: [((B, Hkv, Nk, d), k.dtype), ((B, Hkv, Nk, d), v.dtype)], Hkv, zero_dkdv)
-    dq, dk, dv = dq[..., :D], dk[..., :D], dv[..., :Dv]
+    if d != D:
+        dq, dk = dq[..., :D], dk[..., :D]
+    if d != Dv:
+        dv = dv[..., :Dv]
     if dbias is not None:
         dbias = (dbias_dq if dq_mode else dbias_dkdv).astype(inputs.bias.dtype)
     if dslopes is not None:

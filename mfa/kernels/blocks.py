@@ -43,11 +43,12 @@ class Tiles:
 
 
 def shared_bytes(kernel: str, t: Tiles, d: int, itemsize: int, bias_itemsize: int = 0,
-                 stage_dbias: bool = False) -> int:
+                 dbias_itemsize: int = 0) -> int:
     """Threadgroup memory of a kernel (the SMEM template value; the bodies static_assert it).
 
     ``bias_itemsize``: the bias's element size when its tiles are staged (BIAS_TILE), else 0;
-    ``stage_dbias``: the dq kernel also gathers dS tiles (float32) for contiguous dbias writes.
+    ``dbias_itemsize``: the dq kernel also gathers dS tiles (in dbias's type) for contiguous dbias
+    writes, else 0.
     """
     if kernel == "attention_bwd_preprocess":
         return 0
@@ -59,8 +60,8 @@ def shared_bytes(kernel: str, t: Tiles, d: int, itemsize: int, bias_itemsize: in
     extra = 8 * t.stages * t.block_q if kernel == "attention_bwd_dkdv" else 0  # lse, delta rows (float32)
     if bias_itemsize:  # stages x (block_q x block_k) bias tiles, rows padded by 16 bytes
         extra += t.stages * t.block_q * (t.block_k * bias_itemsize + 16)
-    if stage_dbias:
-        extra += t.block_q * (t.block_k + 4) * 4
+    if dbias_itemsize:
+        extra += t.block_q * (t.block_k * dbias_itemsize + 16)
     return rows * row_stride(d) * itemsize + extra
 
 

@@ -21,11 +21,11 @@ constexpr int NT = 32 * NW;
 constexpr int WM = BQ / NW;  // query rows per warp
 constexpr int LD = D + 8;
 constexpr int LDB = BK + 16 / int(sizeof(TB));  // padded row stride of a staged bias tile
-constexpr int LDG = BK + 4;                     // ... and of the staged dS tile (float32)
+constexpr int LDG = BK + 16 / int(sizeof(TDB));  // ... and of the staged dS tile (in TDB)
 constexpr bool STAGE_DBIAS = BIAS_TILE && DBIAS == 1;
 static_assert(WM % kFragRows == 0, "BQ/NW must be a multiple of the fragment height");
 static_assert(SMEM >= (2 * BQ + 2 * STAGES * BK) * LD * int(sizeof(T)) + BIAS_TILE * STAGES * BQ * LDB * int(sizeof(TB)) +
-                          STAGE_DBIAS * BQ * LDG * 4,
+                          STAGE_DBIAS * BQ * LDG * int(sizeof(TDB)),
               "SMEM too small");
 
 const int h = int(threadgroup_position_in_grid.y);
@@ -59,7 +59,7 @@ MFA_TG T* sQ = reinterpret_cast<MFA_TG T*>(smem);
 MFA_TG T* sdO = sQ + BQ * LD;
 MFA_TG T* sKV = sdO + BQ * LD;  // STAGES x (K tile, V tile)
 MFA_TG TB* sB = reinterpret_cast<MFA_TG TB*>(sKV + STAGES * 2 * BK * LD);  // BIAS_TILE: STAGES x bias tile
-MFA_TG float* sG = reinterpret_cast<MFA_TG float*>(sB + BIAS_TILE * STAGES * BQ * LDB);  // STAGE_DBIAS: dS
+MFA_TG TDB* sG = reinterpret_cast<MFA_TG TDB*>(sB + BIAS_TILE * STAGES * BQ * LDB);  // STAGE_DBIAS: dS
 MFA_DEV const T* Kg = k + (long(b * HKV + hk) * NK + sg.k_lo) * D;
 MFA_DEV const T* Vg = v + (long(b * HKV + hk) * NK + sg.k_lo) * D;
 const long row_base = long(b * H + h) * NQ + sg.q_lo + q0;
@@ -146,7 +146,7 @@ for (int t = 1 - STAGES; t < ntiles; ++t) {
     const float dp = DROPOUT ? ds.v[i] * drop.factor(sg.q_lo + r, sg.k_lo + j) : ds.v[i];
     const float g = p * (dp - delta_rows.v[slot]);  // dL/d(score)
     if (ALIBI) dslope += g * sc.alibi_grad(r, j);
-    if (STAGE_DBIAS) sG[(r - q0) * LDG + j - k0] = g;
+    if (STAGE_DBIAS) sG[(r - q0) * LDG + j - k0] = static_cast<TDB>(g);
     else if (DBIAS == 1 && r < sg.nq && j < sg.nk && (dbias_unique || keep)) dbias_add(dbias, bias_at, g, dbias_unique);
     if (DBIAS == 2) dbias_rows.v[slot] += g;
     ds.v[i] = g * sc.cap_grad(s.v[i]);

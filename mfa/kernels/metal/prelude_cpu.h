@@ -32,6 +32,7 @@ typedef emu::f16 half;
 #define MFA_THR
 #define MFA_FUNC inline
 #define MFA_UNROLL
+#define MFA_NO_UNROLL
 #define MFA_SHARED(name, bytes) unsigned char* name = emu::shared_memory(bytes)
 #define MFA_INF INFINITY
 

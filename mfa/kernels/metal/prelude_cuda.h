@@ -10,6 +10,7 @@
 #define MFA_THR
 #define MFA_FUNC __device__ __forceinline__
 #define MFA_UNROLL _Pragma("unroll")
+#define MFA_NO_UNROLL _Pragma("unroll 1")
 #define MFA_SHARED(name, bytes) extern __shared__ __align__(16) unsigned char name[]
 #define MFA_INF __int_as_float(0x7f800000)
 #define threadgroup_position_in_grid blockIdx

@@ -9,6 +9,7 @@ using namespace metal;
 #define MFA_THR thread
 #define MFA_FUNC inline
 #define MFA_UNROLL _Pragma("clang loop unroll(full)")
+#define MFA_NO_UNROLL _Pragma("clang loop unroll(disable)")
 #define MFA_SHARED(name, bytes)                                    \
   threadgroup float4 name##_words[((bytes) + 15) / 16];            \
   threadgroup uchar* name = reinterpret_cast<threadgroup uchar*>(name##_words)

@@ -23,10 +23,12 @@ MFA_FUNC void copy_tile_async(MFA_TG T* dst, int ldd, MFA_DEV const T* src, int 
   }
 }
 
-// Copy rows < rows_valid of a ROWS x COLS threadgroup tile (row stride lds) to device memory
-// (row stride ldd) with all NT threads, 16 bytes per store: a warp writes whole rows.
+// Copy rows < rows_valid and columns < cols_valid (a multiple of 16 bytes) of a ROWS x COLS
+// threadgroup tile (row stride lds) to device memory (row stride ldd) with all NT threads,
+// 16 bytes per store: a warp writes whole rows.
 template <int ROWS, int COLS, int NT, typename T>
-MFA_FUNC void store_tile(MFA_DEV T* dst, int ldd, MFA_TG const T* src, int lds, int rows_valid, int tid) {
+MFA_FUNC void store_tile(MFA_DEV T* dst, int ldd, MFA_TG const T* src, int lds, int rows_valid, int tid,
+                         int cols_valid = COLS) {
   enum : int { E = 16 / int(sizeof(T)), CPR = COLS / E, CHUNKS = ROWS * CPR };
   static_assert(COLS % E == 0, "tile rows must be whole 16-byte chunks");
   MFA_UNROLL
@@ -34,7 +36,7 @@ MFA_FUNC void store_tile(MFA_DEV T* dst, int ldd, MFA_TG const T* src, int lds, 
     const int i = it * NT + tid;
     if (CHUNKS % NT == 0 || i < CHUNKS) {
       const int r = i / CPR, e = (i % CPR) * E;
-      if (r < rows_valid) mfa_store16(dst + r * ldd + e, src + r * lds + e);
+      if (r < rows_valid && e < cols_valid) mfa_store16(dst + r * ldd + e, src + r * lds + e);
     }
   }
 }

@@ -156,20 +156,24 @@ MFA_FUNC void dbias_add(MFA_DEV TDB* dbias, long i, float value, bool unique) {
   else mfa_atomic_add(reinterpret_cast<MFA_DEV float*>(dbias) + i, value);
 }
 
-// Add a ROWS x COLS float32 tile of threadgroup memory (row stride lds) to dbias: entry (r, c)
-// goes to dbias[at + r·ld + c] for r < rows_valid, c < cols_valid.  Consecutive threads take
-// consecutive columns, so a warp's stores (or atomic adds, which skip zeros) are contiguous.
+// Add a ROWS x COLS tile of threadgroup memory (TDB, row stride lds) to dbias: entry (r, c) goes
+// to dbias[at + r·ld + c] for r < rows_valid, c < cols_valid (a multiple of 16 bytes).  One
+// writer per entry: whole 16-byte row chunks; else float32 atomic adds (zeros skipped), with
+// consecutive threads on consecutive entries (not unrolled: that would keep every step's
+// address and value live at once).
 template <int ROWS, int COLS, int NT, typename TDB>
-MFA_FUNC void dbias_add_tile(MFA_DEV TDB* dbias, long at, int ld, MFA_TG const float* src, int lds,
+MFA_FUNC void dbias_add_tile(MFA_DEV TDB* dbias, long at, int ld, MFA_TG const TDB* src, int lds,
                              int rows_valid, int cols_valid, bool unique, int tid) {
-  MFA_UNROLL
-  for (int it = 0; it < (ROWS * COLS + NT - 1) / NT; ++it) {
-    const int e = it * NT + tid;
+  if (unique) {
+    store_tile<ROWS, COLS, NT>(dbias + at, ld, src, lds, rows_valid, tid, cols_valid);
+    return;
+  }
+  MFA_NO_UNROLL
+  for (int e = tid; e < ROWS * COLS; e += NT) {
     const int r = e / COLS, c = e % COLS;
-    if ((ROWS * COLS) % NT != 0 && e >= ROWS * COLS) break;
-    if (r >= rows_valid || c >= cols_valid) continue;
-    const float value = src[r * lds + c];
-    if (unique || value != 0.0f) dbias_add(dbias, at + long(r) * ld + c, value, unique);
+    const float value = float(src[r * lds + c]);
+    if (r < rows_valid && c < cols_valid && value != 0.0f)
+      mfa_atomic_add(reinterpret_cast<MFA_DEV float*>(dbias) + at + long(r) * ld + c, value);
   }
 }
 
