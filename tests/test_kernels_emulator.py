@@ -209,31 +209,20 @@ def test_staged_bias_tiles_and_row_by_row_dbias(arch, shape, causal, window):
     check(q, k, v, causal, scale=0.125, window=window, bias=bias)
 
 
-def test_staged_bias_with_minus_inf_entries_and_everything_else(arch):
-    """BIAS_TILE with GQA, causal/window, softcap, ALiBi, sinks, dropout and -inf bias rows."""
+@pytest.mark.parametrize("shape,slopes_shape,staged", [((1, 4, 45, 70), (2, 4), False), ((2, 4, 45, 72), (4,), True)])
+def test_bias_with_minus_inf_entries_and_everything_else(arch, shape, slopes_shape, staged):
+    """bias + GQA + causal/window + softcap + ALiBi + sinks + dropout, with whole rows masked by -inf;
+    read per element (70 keys: rows are not whole 16-byte chunks) and staged (BIAS_TILE, 72 keys)."""
     dtype = default_dtype(arch)
-    q, k, v = random_qkv(2, 4, 2, 45, 72, 64, 32, dtype=dtype, seed=9)
-    bias = mx.random.normal((2, 4, 45, 72), key=mx.random.key(1))
+    Nk = shape[3]
+    q, k, v = random_qkv(2, 4, 2, 45, Nk, 64, 32, dtype=dtype, seed=Nk)
+    bias = mx.random.normal(shape, key=mx.random.key(1))
     bias = mx.where(mx.random.uniform(shape=bias.shape, key=mx.random.key(2)) < 0.2, -mx.inf, bias)
-    bias[:, :, 5] = -mx.inf
+    bias[:, :, 3 + 2 * staged] = -mx.inf
+    layout = attention.BiasLayout.of(shape, 2, 4, 2, 45, Nk)
     assert attention.bias_tiles(AttentionSpec(scale=0.2, has_bias=True),
-                                AttentionInputs(q, k, v, bias, None, None, None, None),
-                                attention.BiasLayout.of(bias.shape, 2, 4, 2, 45, 72))
-    slopes = mx.random.uniform(0.01, 0.2, (4,), key=mx.random.key(3))
-    sinks = mx.random.normal((4,), key=mx.random.key(4))
-    got = check(q * 2, k * 2, v, True, scale=0.2, window=(20, 3), softcap=8.0, bias=bias.astype(dtype),
-                slopes=slopes, sinks=sinks, dropout_p=0.2, dropout_seed=7)
-    assert np.isfinite(np.array(got["dbias"].astype(mx.float32))).all()
-
-
-def test_bias_with_minus_inf_entries_and_everything_else(arch):
-    """bias + GQA + causal/window + softcap + ALiBi + sinks + dropout, with whole rows masked by -inf."""
-    dtype = default_dtype(arch)
-    q, k, v = random_qkv(2, 4, 2, 45, 70, 64, 32, dtype=dtype, seed=8)
-    bias = mx.random.normal((1, 4, 45, 70), key=mx.random.key(1))
-    bias = mx.where(mx.random.uniform(shape=bias.shape, key=mx.random.key(2)) < 0.2, -mx.inf, bias)
-    bias[:, :, 3] = -mx.inf
-    slopes = mx.random.uniform(0.01, 0.2, (2, 4), key=mx.random.key(3))
+                                AttentionInputs(q, k, v, bias, None, None, None, None), layout) == staged
+    slopes = mx.random.uniform(0.01, 0.2, slopes_shape, key=mx.random.key(3))
     sinks = mx.random.normal((4,), key=mx.random.key(4))
     got = check(q * 2, k * 2, v, True, scale=0.2, window=(20, 3), softcap=8.0, bias=bias.astype(dtype),
                 slopes=slopes, sinks=sinks, dropout_p=0.2, dropout_seed=7)

@@ -3,6 +3,21 @@
 // fragment family included before it (frag_simdgroup.h or frag_mma.h).
 namespace mfa {
 
+// The 16-byte chunks of a ROWS x COLS tile of T shared out over NT threads: thread tid takes
+// chunks tid, tid + NT, ... (consecutive threads on consecutive chunks of a row).
+template <int ROWS, int COLS, int NT, typename T>
+struct Chunks {
+  enum : int { E = 16 / int(sizeof(T)), CPR = COLS / E, COUNT = ROWS * CPR, STEPS = (COUNT + NT - 1) / NT };
+  static_assert(COLS % E == 0, "tile rows must be whole 16-byte chunks");
+  // The row and first column of thread tid's chunk at `step`; false past the tile's end.
+  MFA_FUNC static bool at(int step, int tid, MFA_THR int& r, MFA_THR int& e) {
+    const int i = step * NT + tid;
+    r = i / CPR;
+    e = (i % CPR) * E;
+    return COUNT % NT == 0 || i < COUNT;
+  }
+};
+
 // Copy a ROWS x COLS tile (row stride lds) into threadgroup memory (row stride ldd) with all
 // NT threads, 16 bytes per copy; rows >= rows_valid and columns >= cols_valid (a multiple of
 // 16 bytes) are zero-filled and not read.  Asynchronous on CUDA: follow with mfa_async_commit()
@@ -10,16 +25,12 @@ namespace mfa {
 template <int ROWS, int COLS, int NT, typename T>
 MFA_FUNC void copy_tile_async(MFA_TG T* dst, int ldd, MFA_DEV const T* src, int lds, int rows_valid,
                               int tid, int cols_valid = COLS) {
-  enum : int { E = 16 / int(sizeof(T)), CPR = COLS / E, CHUNKS = ROWS * CPR };
-  static_assert(COLS % E == 0, "tile rows must be whole 16-byte chunks");
   MFA_UNROLL
-  for (int it = 0; it < (CHUNKS + NT - 1) / NT; ++it) {
-    const int i = it * NT + tid;
-    if (CHUNKS % NT == 0 || i < CHUNKS) {
-      const int r = i / CPR, e = (i % CPR) * E;
-      const bool valid = r < rows_valid && e < cols_valid;
-      mfa_copy16(dst + r * ldd + e, src + (valid ? r * lds + e : 0), valid);
-    }
+  for (int step = 0; step < Chunks<ROWS, COLS, NT, T>::STEPS; ++step) {
+    int r, e;
+    if (!Chunks<ROWS, COLS, NT, T>::at(step, tid, r, e)) continue;
+    const bool valid = r < rows_valid && e < cols_valid;
+    mfa_copy16(dst + r * ldd + e, src + (valid ? r * lds + e : 0), valid);
   }
 }
 
@@ -29,15 +40,11 @@ MFA_FUNC void copy_tile_async(MFA_TG T* dst, int ldd, MFA_DEV const T* src, int 
 template <int ROWS, int COLS, int NT, typename T>
 MFA_FUNC void store_tile(MFA_DEV T* dst, int ldd, MFA_TG const T* src, int lds, int rows_valid, int tid,
                          int cols_valid = COLS) {
-  enum : int { E = 16 / int(sizeof(T)), CPR = COLS / E, CHUNKS = ROWS * CPR };
-  static_assert(COLS % E == 0, "tile rows must be whole 16-byte chunks");
   MFA_UNROLL
-  for (int it = 0; it < (CHUNKS + NT - 1) / NT; ++it) {
-    const int i = it * NT + tid;
-    if (CHUNKS % NT == 0 || i < CHUNKS) {
-      const int r = i / CPR, e = (i % CPR) * E;
-      if (r < rows_valid && e < cols_valid) mfa_store16(dst + r * ldd + e, src + r * lds + e);
-    }
+  for (int step = 0; step < Chunks<ROWS, COLS, NT, T>::STEPS; ++step) {
+    int r, e;
+    if (!Chunks<ROWS, COLS, NT, T>::at(step, tid, r, e)) continue;
+    if (r < rows_valid && e < cols_valid) mfa_store16(dst + r * ldd + e, src + r * lds + e);
   }
 }
 
