@@ -103,17 +103,19 @@ def test_metal_check_catches_a_broken_body(capfd, tmp_path):
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
-def test_cuda_sources_compile_with_nvcc(tmp_path):
+def test_cuda_sources_compile_with_nvcc(tmp_path, monkeypatch):
     calls = []
-    for variant, dtype, D in [("plain", mx.bfloat16, 128), ("plain", mx.float16, 64)] + [
-            (v, mx.bfloat16, 64) for v in VARIANTS[1:]]:
-        spec, inputs = variant_call(variant, dtype, D)
+    for bwd in ("split", "fused"):
+        monkeypatch.setenv("MFA_BWD", bwd)
+        for variant, dtype, D in [("plain", mx.bfloat16, 128), ("plain", mx.float16, 64)] + [
+                (v, mx.bfloat16, 64) for v in VARIANTS[1:]]:
+            spec, inputs = variant_call(variant, dtype, D)
 
-        def fn():
-            out, lse = attention.forward("cuda", spec, inputs)
-            attention.backward("cuda", spec, inputs, out, lse, out.astype(dtype), None)
+            def fn():
+                out, lse = attention.forward("cuda", spec, inputs)
+                attention.backward("cuda", spec, inputs, out, lse, out.astype(dtype), None)
 
-        calls += offline.record_cuda_launches(fn)
+            calls += offline.record_cuda_launches(fn)
     assert {c[0] for c in calls} == set(sources.KERNELS)
     functions = [offline.cuda_kernel_source(*c, function_name=f"custom_kernel_{c[0]}_{i}") for i, c in enumerate(calls)]
     path = tmp_path / "kernels.cu"

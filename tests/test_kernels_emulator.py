@@ -375,3 +375,66 @@ def test_metal_tiles_fit_threadgroup_memory():
                                 ("attention_bwd_dkdv", blocks.dkdv)):
                 assert tiles is not None, (D, dtype, name)
                 assert kernels.blocks.shared_bytes(name, tiles, D, dtype.size) <= 32 * 1024
+
+
+# -- fused backward (FUSED_DQ: dq by atomic adds in the dk/dv kernel, $MFA_BWD=fused) ----------------
+
+def fused_launches(spec, inputs):
+    """The kernels (name -> FUSED_DQ or None) that one backward launches (recorded, not run)."""
+    def run():
+        out, lse = attention.forward("emulator", spec, inputs)
+        attention.backward("emulator", spec, inputs, out, lse, out, None)
+
+    return {name: dict(template).get("FUSED_DQ") for name, template, _, _ in offline.record_cuda_launches(run)}
+
+
+FUSED_CASES = {
+    "dense": dict(causal=False),
+    "causal gqa softcap": dict(causal=True, softcap=5.0),
+    "window sinks dropout": dict(causal=True, window=(40, 3), sinks=True, dropout_p=0.2, dropout_seed=5),
+    "key bias": dict(causal=True, bias_shape=(2, 4, 1, 90)),
+    "varlen": dict(causal=True, lengths=([6, 0, 79, 13], [9, 4, 79, 0])),
+    "block-sparse": dict(block_mask=True),
+}
+
+
+@pytest.mark.parametrize("case", sorted(FUSED_CASES))
+def test_fused_dq_backward(arch, monkeypatch, case):
+    """$MFA_BWD=fused: no dq kernel runs, the dk/dv kernel adds dq, and every gradient matches the oracle."""
+    monkeypatch.setenv("MFA_BWD", "fused")
+    kw = dict(FUSED_CASES[case])
+    dtype = mx.float16 if arch == "metal" else default_dtype(arch)  # float32 tiles are too narrow to fuse in 32 KB
+    lengths = kw.pop("lengths", None)
+    if lengths is not None:
+        q, k, v = random_qkv(1, 4, 2, sum(lengths[0]), sum(lengths[1]), 64, dtype=dtype, seed=11)
+    else:
+        q, k, v = random_qkv(2, 4, 2, 70, 90, 64, dtype=dtype, seed=len(case))
+    bias_shape = kw.pop("bias_shape", None)
+    bias = None if bias_shape is None else mx.random.normal(bias_shape, key=mx.random.key(7)).astype(dtype)
+    sinks = mx.random.normal((4,), key=mx.random.key(8)) if kw.pop("sinks", False) else None
+    if kw.pop("block_mask", False):
+        kw["block_mask"] = BlockMask.from_mask_mod(lambda b, h, i, j: (i // 16 + j // 16) % 3 != 1, 1, 1, 70, 90,
+                                                   block_size=16)
+    spec = AttentionSpec(scale=64**-0.5, causal=kw.get("causal", False), window=kw.get("window"),
+                         softcap=kw.get("softcap"), has_bias=bias is not None, has_sinks=sinks is not None,
+                         block_mask=kw.get("block_mask"), dropout_p=kw.get("dropout_p", 0.0),
+                         dropout_seed=kw.get("dropout_seed", 0), varlen=lengths is not None)
+    cu = (cu_seqlens(lengths[0]), cu_seqlens(lengths[1])) if lengths is not None else (None, None)
+    launches = fused_launches(spec, AttentionInputs(q, k, v, bias, None, sinks, *cu))
+    assert "attention_bwd_dq" not in launches and launches["attention_bwd_dkdv"] == 1
+    check(q, k, v, kw.pop("causal", False), bias=bias, sinks=sinks, lengths=lengths, **kw)
+
+
+def test_fused_dq_stays_split_where_the_dq_kernel_reduces_a_gradient(monkeypatch):
+    """ALiBi slopes and a bias with every query row are reduced by the dq kernel: no fusion there."""
+    monkeypatch.setenv("MFA_BWD", "fused")
+    q, k, v = random_qkv(2, 4, 2, 70, 90, 64, dtype=mx.float32, seed=1)
+    spec = AttentionSpec(scale=0.125, has_alibi=True)
+    slopes = mx.full((4,), 0.1)
+    assert fused_launches(spec, AttentionInputs(q, k, v, None, slopes, None, None, None))["attention_bwd_dkdv"] == 0
+    bias = mx.zeros((1, 4, 70, 90))
+    spec = AttentionSpec(scale=0.125, has_bias=True)
+    assert fused_launches(spec, AttentionInputs(q, k, v, bias, None, None, None, None))["attention_bwd_dkdv"] == 0
+    monkeypatch.setenv("MFA_BWD", "sometimes")
+    with pytest.raises(ValueError, match="MFA_BWD"):
+        fused_launches(AttentionSpec(scale=0.125), AttentionInputs(q, k, v, None, None, None, None, None))

@@ -48,6 +48,26 @@ def test_staged_bias_and_dbias(target, shape, dtype, window):
     check(q, k, v, False, target=target, window=window, bias=bias)
 
 
+@pytest.mark.parametrize("case", ["causal gqa", "window dropout", "varlen", "block-sparse"])
+def test_fused_dq_backward(target, monkeypatch, case):
+    """$MFA_BWD=fused (dq by atomic adds in the dk/dv kernel) at sizes that span many tiles."""
+    monkeypatch.setenv("MFA_BWD", "fused")
+    if case == "varlen":
+        lengths = [700, 0, 65, 1, 300]
+        q, k, v = random_qkv(1, 4, 2, sum(lengths), sum(lengths), 64, dtype=mx.bfloat16, seed=41)
+        check(q, k, v, True, target=target, lengths=(lengths, lengths))
+        return
+    q, k, v = random_qkv(2, 4, 2, 600, 555, 64, dtype=mx.bfloat16, seed=43)
+    if case == "causal gqa":
+        check(q, k, v, True, target=target)
+    elif case == "window dropout":
+        check(q, k, v, True, target=target, window=(200, 30), dropout_p=0.1, dropout_seed=2)
+    else:
+        mask = BlockMask.from_mask_mod(lambda b, h, i, j: (i // 64 + j // 64) % 3 != 1, 1, 1, 600, 555,
+                                       block_size=64)
+        check(q, k, v, target=target, block_mask=mask)
+
+
 @pytest.mark.parametrize("lengths", [[700, 0, 65, 1, 300], [128, 256, 0, 64]])
 def test_varlen(target, lengths):
     lengths_k = [n + 17 * (i % 2) for i, n in enumerate(lengths)]

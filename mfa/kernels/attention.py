@@ -22,7 +22,7 @@ from typing import Optional, Tuple
 import mlx.core as mx
 
 from mfa.kernels import build, sparse
-from mfa.kernels.blocks import SHARED_LIMIT, BlockSizes, Tiles, padded_head_dim, shared_bytes
+from mfa.kernels.blocks import FRAGMENT_ROWS, SHARED_LIMIT, BlockSizes, Tiles, padded_head_dim, shared_bytes
 from mfa.ops.spec import AttentionGrads, AttentionInputs, AttentionSpec
 
 LOG2E = math.log2(math.e)
@@ -185,17 +185,18 @@ def _block_sizes(arch: str, head_dim: int, dtype: mx.Dtype, override: str) -> Bl
 @functools.lru_cache(maxsize=256)
 def _template(target: str, name: str, tiles: Tiles, dtype: mx.Dtype, d: int, spec: AttentionSpec,
               bias_dtype: mx.Dtype = mx.float32, stage_bias: bool = False, dbias: int = 0,
-              dbias_dtype: mx.Dtype = mx.float32, exact: bool = False):
+              dbias_dtype: mx.Dtype = mx.float32, exact: bool = False, fused: bool = False):
     """Template values of an attention kernel: the tiles, then the variant switches.
 
     ``stage_bias`` (see `bias_tiles`) turns on BIAS_TILE where the staged tiles fit the target's
-    shared memory; the kernel reads the bias element by element otherwise.
+    shared memory; the kernel reads the bias element by element otherwise.  ``fused``: the dk/dv
+    kernel also computes dq (FUSED_DQ, see `fused_dq`).
     """
     stage_dbias = stage_bias and dbias == DBIAS_ELEMENTS
     smem = shared_bytes(name, tiles, d, dtype.size, bias_dtype.size if stage_bias else 0,
-                        dbias_dtype.size if stage_dbias else 0)
+                        dbias_dtype.size if stage_dbias else 0, fused)
     if stage_bias and smem > SHARED_LIMIT[build.arch_of(target)]:
-        stage_bias, smem = False, shared_bytes(name, tiles, d, dtype.size)
+        stage_bias, smem = False, shared_bytes(name, tiles, d, dtype.size, fused_dq=fused)
     template = [("T", dtype), ("D", d), ("BQ", tiles.block_q), ("BK", tiles.block_k), ("NW", tiles.warps),
                 ("STAGES", tiles.stages), ("SMEM", smem),
                 ("SOFTCAP", int(bool(spec.softcap))), ("ALIBI", int(spec.has_alibi)), ("BIAS", int(spec.has_bias)),
@@ -205,6 +206,8 @@ def _template(target: str, name: str, tiles: Tiles, dtype: mx.Dtype, d: int, spe
         template += [("EXACT", int(exact))]
     else:
         template += [("DBIAS", dbias), ("TDB", dbias_dtype)]
+    if name == "attention_bwd_dkdv":
+        template += [("FUSED_DQ", int(fused))]
     return tuple(template)
 
 
@@ -263,6 +266,26 @@ def bias_tiles(spec: AttentionSpec, inputs: AttentionInputs, layout: Optional[Bi
     if layout is None or layout.mode != DBIAS_ELEMENTS or spec.varlen:
         return False
     return inputs.q.shape[2] > 1 and (inputs.k.shape[2] * inputs.bias.dtype.size) % 16 == 0
+
+
+def fused_dq(target: str, spec: AttentionSpec, layout: Optional[BiasLayout], tiles: Tiles, d: int,
+             dtype: mx.Dtype) -> bool:
+    """Whether the dk/dv kernel also computes dq (FUSED_DQ), so that no dq kernel runs.
+
+    FlashAttention-2's backward: dS goes through shared memory and each key tile adds its share
+    of dq with float32 atomic adds — 5 tile products instead of the split backward's 7, plus the
+    atomics and a float32 dq buffer.  Chosen by ``$MFA_BWD=fused`` (default ``split``: the fused
+    form is not yet measured faster on a GPU).  It needs no gradient the dq kernel reduces (ALiBi
+    slopes; a bias with every query row), the query rows of a tile split evenly into whole
+    fragments per warp, and the dS tile in the target's shared memory.
+    """
+    choice = os.environ.get("MFA_BWD", "split")
+    if choice not in ("split", "fused"):
+        raise ValueError(f"MFA_BWD={choice!r} must be 'split' or 'fused'")
+    arch = build.arch_of(target)
+    return (choice == "fused" and not spec.has_alibi and not (layout is not None and layout.mode in DQ_MODES)
+            and tiles.block_q % (tiles.warps * FRAGMENT_ROWS[arch]) == 0
+            and shared_bytes("attention_bwd_dkdv", tiles, d, dtype.size, fused_dq=True) <= SHARED_LIMIT[arch])
 
 
 def exact_out(spec: AttentionSpec, layout: Optional[BiasLayout]) -> bool:
@@ -379,24 +402,33 @@ def backward(target: str, spec: AttentionSpec, inputs: AttentionInputs, out: mx.
 
     common = [q, k, v, dout, lse, delta, call.params, call.fparams, call.slopes, call.bias]
     stage_bias = bias_tiles(spec, inputs, layout)
+    fused = fused_dq(target, spec, layout, blocks.dkdv, d, q.dtype)
 
-    def launch_grad(name, t, transposed, modes, grads, heads, zero):
-        """One backward kernel: its gradients, plus dbias when this kernel owns the bias's reduction."""
+    def launch_grad(name, t, transposed, modes, grads, extra, heads, zero):
+        """One backward kernel: its gradients, dbias (when this kernel owns the bias's reduction),
+        then the `extra` outputs."""
         sched, bits, count = _schedule(spec, inputs, t, transposed=transposed)
         own = mode if mode in modes else 0
         dbias_out = (dbias_shape, dbias_dtype) if own else ((8,), mx.float32)
-        results = _launch(
-            target, name, _template(target, name, t, q.dtype, d, spec, call.bias.dtype, stage_bias, own, dbias_out[1]),
-            t.threads,
-            [*common, sched, bits], [*grads(count), dbias_out], (count, heads, B), zero_outputs=zero)
+        template = _template(target, name, t, q.dtype, d, spec, call.bias.dtype, stage_bias, own, dbias_out[1],
+                             fused=fused)
+        results = _launch(target, name, template, t.threads, [*common, sched, bits],
+                          [*grads(count), dbias_out, *extra], (count, heads, B), zero_outputs=zero)
         return own, results
 
-    dq_mode, (dq, slope_part, dbias_dq) = launch_grad(
-        "attention_bwd_dq", blocks.dq, False, DQ_MODES,
-        lambda count: [((B, H, Nq, d), q.dtype), ((B, H, count), mx.float32)], H, zero_dq)
-    _, (dk, dv, dbias_dkdv) = launch_grad(
+    dq_mode = 0
+    if not fused:
+        dq_mode, (dq, slope_part, dbias_dq) = launch_grad(
+            "attention_bwd_dq", blocks.dq, False, DQ_MODES,
+            lambda count: [((B, H, Nq, d), q.dtype), ((B, H, count), mx.float32)], [], H, zero_dq)
+    # FUSED_DQ: dq accumulates in float32 (zero-filled with the kernel's other outputs)
+    dq_accum = ((B, H, Nq, d), mx.float32) if fused else ((8,), mx.float32)
+    _, (dk, dv, dbias_dkdv, dq_sum) = launch_grad(
         "attention_bwd_dkdv", blocks.dkdv, True, DKDV_MODES,
-        lambda count: [((B, Hkv, Nk, d), k.dtype), ((B, Hkv, Nk, d), v.dtype)], Hkv, zero_dkdv)
+        lambda count: [((B, Hkv, Nk, d), k.dtype), ((B, Hkv, Nk, d), v.dtype)], [dq_accum], Hkv,
+        zero_dkdv or fused)
+    if fused:
+        dq = dq_sum.astype(q.dtype)
     if d != D:
         dq, dk = dq[..., :D], dk[..., :D]
     if d != Dv:

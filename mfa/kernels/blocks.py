@@ -9,6 +9,7 @@ import mlx.core as mx
 
 HEAD_DIMS = (64, 80, 96, 128, 192, 256)  # compiled head dims; others are zero-padded up
 SHARED_LIMIT = {"metal": 32 * 1024, "cuda": 227 * 1024}
+FRAGMENT_ROWS = {"metal": 8, "cuda": 16}  # rows of one accumulator fragment (a warp's row granule)
 
 
 def padded_head_dim(d: int) -> Optional[int]:
@@ -43,12 +44,12 @@ class Tiles:
 
 
 def shared_bytes(kernel: str, t: Tiles, d: int, itemsize: int, bias_itemsize: int = 0,
-                 dbias_itemsize: int = 0) -> int:
+                 dbias_itemsize: int = 0, fused_dq: bool = False) -> int:
     """Threadgroup memory of a kernel (the SMEM template value; the bodies static_assert it).
 
     ``bias_itemsize``: the bias's element size when its tiles are staged (BIAS_TILE), else 0;
     ``dbias_itemsize``: the dq kernel also gathers dS tiles (in dbias's type) for contiguous dbias
-    writes, else 0.
+    writes, else 0; ``fused_dq``: the dk/dv kernel also computes dq (through a dS tile).
     """
     if kernel == "attention_bwd_preprocess":
         return 0
@@ -62,6 +63,8 @@ def shared_bytes(kernel: str, t: Tiles, d: int, itemsize: int, bias_itemsize: in
         extra += t.stages * t.block_q * (t.block_k * bias_itemsize + 16)
     if dbias_itemsize:
         extra += t.block_q * (t.block_k * dbias_itemsize + 16)
+    if fused_dq:
+        extra += t.block_q * (t.block_k + 8) * itemsize
     return rows * row_stride(d) * itemsize + extra
 
 

@@ -18,7 +18,7 @@ IO = {
     "attention_bwd_dq": (["q", "k", "v", "dout", "lse", "delta", "params", "fparams", "slopes", *_VARIANTS],
                          ["dq_out", "dslopes_part", "dbias"]),
     "attention_bwd_dkdv": (["q", "k", "v", "dout", "lse", "delta", "params", "fparams", "slopes", *_VARIANTS],
-                           ["dk_out", "dv_out", "dbias"]),
+                           ["dk_out", "dv_out", "dbias", "dq_accum"]),
 }
 
 

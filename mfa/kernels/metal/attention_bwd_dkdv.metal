@@ -10,11 +10,13 @@
 //             params, fparams, slopes, bias, sched, bits as in attention_fwd.metal (sched for
 //             varlen counts key tiles)
 //   outputs:  dk, dv (B, HKV, NK, D) in T; dbias (the bias's shape) in TDB with DBIAS 3 (bias
-//             broadcast over query rows: per key, summed over rows) or 4 (over rows and keys)
+//             broadcast over query rows: per key, summed over rows) or 4 (over rows and keys);
+//             dq_accum (B, H, NQ, D) float32 with FUSED_DQ, zero-filled by the launcher: each work
+//             item adds its share scale · dS_raw·k (then no dq kernel runs)
 //   template: T, D, BQ, BK, NW, STAGES (work items in flight), SMEM, SOFTCAP, ALIBI, BIAS, VARLEN,
 //             SPARSE, DROPOUT, BIAS_TILE, TB (as in attention_fwd.metal; the bias tile of a work
 //             item is staged with its Q and dO), DBIAS (0: none or done by the dq kernel; 3; 4),
-//             TDB (dbias type)
+//             TDB (dbias type), FUSED_DQ (1: also dq, by atomic adds; no ALIBI, DBIAS 1 or 2)
 //   grid (tiles·32·NW, HKV, B), tiles = ceil(NK/BK) or for varlen (NK + S·(BK − 1)) / BK;
 //   threadgroup (32·NW, 1, 1)
 using namespace mfa;
@@ -24,8 +26,12 @@ constexpr int LD = D + 8;
 constexpr int LDB = BK + 16 / int(sizeof(TB));  // padded row stride of a staged bias tile (query rows x keys)
 // bytes of one stage: Q, dO, lse, delta (and the bias tile)
 constexpr int QSTAGE = 2 * BQ * LD * int(sizeof(T)) + 2 * BQ * 4 + BIAS_TILE * BQ * LDB * int(sizeof(TB));
+constexpr int QW = BQ / NW;    // FUSED_DQ: query rows per warp of the dq product
+constexpr int LDS = BK + 8;    // FUSED_DQ: padded row stride of the dS tile (query rows x keys)
 static_assert(WM % kFragRows == 0, "BK/NW must be a multiple of the fragment height");
-static_assert(SMEM >= 2 * BK * LD * int(sizeof(T)) + STAGES * QSTAGE, "SMEM too small");
+static_assert(!FUSED_DQ || QW % kFragRows == 0, "FUSED_DQ needs BQ/NW a multiple of the fragment height");
+static_assert(SMEM >= 2 * BK * LD * int(sizeof(T)) + STAGES * QSTAGE + FUSED_DQ * BQ * LDS * int(sizeof(T)),
+              "SMEM too small");
 
 const int hk = int(threadgroup_position_in_grid.y);
 const int b = int(threadgroup_position_in_grid.z);
@@ -50,6 +56,7 @@ MFA_SHARED(smem, SMEM);
 MFA_TG T* sK = reinterpret_cast<MFA_TG T*>(smem);
 MFA_TG T* sV = sK + BK * LD;
 MFA_TG unsigned char* sStages = smem + 2 * BK * LD * int(sizeof(T));  // STAGES x (Q, dO, lse, delta)
+MFA_TG T* sdS = reinterpret_cast<MFA_TG T*>(sStages + STAGES * QSTAGE);  // FUSED_DQ: dS_raw tile
 
 const long kv_base = long(b * HKV + hk) * NK + sg.k_lo + k0;
 copy_tile_async<BK, D, NT>(sK, LD, k + kv_base * D, D, sg.nk - k0, tid);
@@ -160,6 +167,25 @@ for (int w = 1 - STAGES; w < nwork; ++w) {
   // dv += (Pᵀ ∘ Z)·dout, dk += dS_rawᵀ·q
   mma_ab<BQ>(dv, pt, sdO, LD, lc);
   mma_ab<BQ>(dk, dst, sQ, LD, lc);
+
+  // FUSED_DQ: dq += scale · dS_raw·k over this key tile: dS_raw goes through shared memory as
+  // (query row, key), then each warp multiplies its query rows by the K tile and adds them
+  if (FUSED_DQ) {
+    MFA_UNROLL
+    for (int i = 0; i < Acc<WM, BQ>::SIZE; ++i)
+      sdS[Acc<WM, BQ>::col(lc, i) * LDS + warp * WM + Acc<WM, BQ>::row(lc, i)] = static_cast<T>(dst.v[i]);
+    mfa_barrier();
+    Acc<QW, D> dqp;
+    dqp.zero();
+    mma_ab_shared<BK>(dqp, sdS + warp * QW * LDS, LDS, sK, LD, lc);
+    const long dq_row0 = long(b * H + h) * NQ + sg.q_lo + q0 + warp * QW;
+    MFA_UNROLL
+    for (int i = 0; i < Acc<QW, D>::SIZE; ++i) {
+      const int r = Acc<QW, D>::row(lc, i);
+      if (q0 + warp * QW + r < sg.nq)
+        mfa_atomic_add(dq_accum + (dq_row0 + r) * D + Acc<QW, D>::col(lc, i), scale * dqp.v[i]);
+    }
+  }
 
   // DBIAS 3/4: the key sums of a head are complete once its work items are done; a bias shared
   // by the heads takes them all at the end

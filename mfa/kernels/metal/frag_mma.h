@@ -107,6 +107,31 @@ MFA_FUNC void mma_abt(MFA_THR Acc<M, N>& c, MFA_TG const T* a, int lda, MFA_TG c
   }
 }
 
+// c (M x N) += a (M x K, row-major in shared memory) * b, b (K x N) row-major.
+template <int K, int M, int N, typename T>
+MFA_FUNC void mma_ab_shared(MFA_THR Acc<M, N>& c, MFA_TG const T* a, int lda, MFA_TG const T* b, int ldb,
+                            LaneCoord lc) {
+  static_assert(N % 16 == 0 && K % 16 == 0, "mma_ab_shared needs N and K multiples of 16");
+  const int l = lc.lane;
+  MFA_UNROLL
+  for (int kk = 0; kk < K / 16; ++kk) {
+    unsigned fa[M / 16][4];
+    MFA_UNROLL
+    for (int fi = 0; fi < M / 16; ++fi)
+      mfa_ldmatrix_x4(fa[fi], a + (16 * fi + l % 16) * lda + 16 * kk + 8 * (l / 16));
+    MFA_UNROLL
+    for (int fj = 0; fj < N / 8; fj += 2) {
+      unsigned fb[4];
+      mfa_ldmatrix_x4_trans(fb, b + (16 * kk + l % 8 + 8 * (l / 8 % 2)) * ldb + 8 * fj + 8 * (l / 16));
+      MFA_UNROLL
+      for (int fi = 0; fi < M / 16; ++fi) {
+        mfa_mma16816<T>(c.v + (fi * (N / 8) + fj) * 4, fa[fi], fb);
+        mfa_mma16816<T>(c.v + (fi * (N / 8) + fj + 1) * 4, fa[fi], fb + 2);
+      }
+    }
+  }
+}
+
 // c (M x N) += p (M x K accumulator of this warp, rounded to T) * b, b (K x N) row-major.
 // SPLIT = 1 keeps p to about float32 accuracy: p = hi + lo with hi, lo in T, two products.
 template <int K, int SPLIT = 0, int M, int N, typename T>

@@ -111,6 +111,31 @@ MFA_FUNC void mma_abt(MFA_THR Acc<M, N>& c, MFA_TG const T* a, int lda, MFA_TG c
   }
 }
 
+// c (M x N) += a (M x K, row-major in threadgroup memory) * b, b (K x N) row-major.
+template <int K, int M, int N, typename T>
+MFA_FUNC void mma_ab_shared(MFA_THR Acc<M, N>& c, MFA_TG const T* a, int lda, MFA_TG const T* b, int ldb,
+                            LaneCoord lc) {
+  MFA_UNROLL
+  for (int kk = 0; kk < K / 8; ++kk) {
+    simdgroup_float8x8 fa[M / 8];
+    MFA_UNROLL
+    for (int fi = 0; fi < M / 8; ++fi) {
+      MFA_TG const T* p = a + (8 * fi + lc.r) * lda + 8 * kk + lc.c;
+      fa[fi].thread_elements()[0] = float(p[0]);
+      fa[fi].thread_elements()[1] = float(p[1]);
+    }
+    MFA_UNROLL
+    for (int fj = 0; fj < N / 8; ++fj) {
+      simdgroup_float8x8 fb;
+      MFA_TG const T* q = b + (8 * kk + lc.r) * ldb + 8 * fj + lc.c;
+      fb.thread_elements()[0] = float(q[0]);
+      fb.thread_elements()[1] = float(q[1]);
+      MFA_UNROLL
+      for (int fi = 0; fi < M / 8; ++fi) frag_mma(c.v + (fi * (N / 8) + fj) * 2, fa[fi], fb);
+    }
+  }
+}
+
 // c (M x N) += p (M x K accumulator of this warp) * b, b (K x N) row-major in threadgroup memory.
 // p stays float32 here, so SPLIT (see frag_mma.h) changes nothing.
 template <int K, int SPLIT = 0, int M, int N, typename T>
