@@ -382,12 +382,12 @@ def backward(target: str, spec: AttentionSpec, inputs: AttentionInputs, out: mx.
     d = padded_head_dim(max(D, Dv))
     blocks = block_sizes(target, d, q.dtype)
     q, k, v, out, dout = (_pad_head(x, d) for x in (q, k, v, out, dout.astype(q.dtype)))
-    dlse = mx.zeros((B, H, Nq), mx.float32) if dlse is None else dlse.astype(mx.float32)
     call = Call.of(spec, inputs)
     lse = lse.astype(mx.float32)
 
-    # delta = rowsum(dout ∘ out) − dlse
-    template = [("T", q.dtype), ("D", d), ("NW", 4), ("ROWS", PREPROCESS_ROWS)]
+    # delta = rowsum(dout ∘ out) − dlse (no dlse: zero)
+    template = [("T", q.dtype), ("D", d), ("NW", 4), ("ROWS", PREPROCESS_ROWS), ("DLSE", int(dlse is not None))]
+    dlse = _nothing() if dlse is None else dlse.astype(mx.float32)
     (delta,) = _launch(target, "attention_bwd_preprocess", template, 128, [out, dout, dlse, call.params],
                        [((B, H, Nq), mx.float32)], (-(-Nq // PREPROCESS_ROWS), H, B))
 

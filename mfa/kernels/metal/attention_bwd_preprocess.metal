@@ -4,9 +4,10 @@
 // scores is dS = P ∘ (dP − delta); dlse, the cotangent of lse, enters as dS += P ∘ dlse, so it
 // is folded into delta here.  Each warp reduces ROWS/NW rows across its lanes, their loads issued
 // together.
-//   inputs:   out, dout (B, H, NQ, D) in T, dlse (B, H, NQ) float32, params int32 [H, HKV, NQ, NK, ...]
+//   inputs:   out, dout (B, H, NQ, D) in T, dlse (B, H, NQ) float32 (read with DLSE = 1, else taken
+//             as zero), params int32 [H, HKV, NQ, NK, ...]
 //   outputs:  delta (B, H, NQ) float32
-//   template: T, D, NW, ROWS (rows per threadgroup, a multiple of NW)
+//   template: T, D, NW, ROWS (rows per threadgroup, a multiple of NW), DLSE
 //   grid (ceil(NQ/ROWS)·32·NW, H, B), threadgroup (32·NW, 1, 1)
 constexpr int RPW = ROWS / NW;  // rows per warp
 const int tile = int(threadgroup_position_in_grid.x);
@@ -31,5 +32,5 @@ for (int i = 0; i < RPW; ++i) {
 MFA_UNROLL
 for (int i = 0; i < RPW; ++i) {
   for (int m = 16; m > 0; m /= 2) acc[i] += mfa_shfl_xor(acc[i], m);
-  if (lane == 0 && row0 + i < NQ) delta[head + row0 + i] = acc[i] - dlse[head + row0 + i];
+  if (lane == 0 && row0 + i < NQ) delta[head + row0 + i] = acc[i] - (DLSE ? dlse[head + row0 + i] : 0.0f);
 }
