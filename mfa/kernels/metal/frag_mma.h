@@ -80,54 +80,55 @@ MFA_FUNC void row_sum(MFA_THR const Acc<M, N>& a, MFA_THR RowVec<M>& out) {
   }
 }
 
-// c (M x N) += a (M x K, row-major in shared memory) * b^T, b (N x K) row-major.
-// Rows must be 16-byte aligned (ld a multiple of 8 elements).
-template <int K, int M, int N, typename T>
-MFA_FUNC void mma_abt(MFA_THR Acc<M, N>& c, MFA_TG const T* a, int lda, MFA_TG const T* b,
-                      int ldb, LaneCoord lc) {
-  static_assert(N % 16 == 0 && K % 16 == 0, "mma_abt needs N and K multiples of 16");
-  const int l = lc.lane;
+// The A operand of one k-step: M/16 fragments of 16 x 16 (4 registers each).
+template <int M>
+struct AFrags {
+  unsigned f[M / 16][4];
+};
+
+// A fragments of k-step kk of a row-major M x K tile in shared memory.
+template <int M, typename T>
+MFA_FUNC void load_a_shared(MFA_THR AFrags<M>& fa, MFA_TG const T* a, int lda, int kk, int l) {
   MFA_UNROLL
-  for (int kk = 0; kk < K / 16; ++kk) {
-    unsigned fa[M / 16][4];
-    MFA_UNROLL
-    for (int fi = 0; fi < M / 16; ++fi)
-      mfa_ldmatrix_x4(fa[fi], a + (16 * fi + l % 16) * lda + 16 * kk + 8 * (l / 16));
-    MFA_UNROLL
-    for (int fj = 0; fj < N / 8; fj += 2) {
-      // matrices: (n 0-7, k 0-7), (n 0-7, k 8-15), (n 8-15, k 0-7), (n 8-15, k 8-15)
-      unsigned fb[4];
-      mfa_ldmatrix_x4(fb, b + (8 * fj + l % 8 + 8 * (l / 16)) * ldb + 16 * kk + 8 * (l / 8 % 2));
-      MFA_UNROLL
-      for (int fi = 0; fi < M / 16; ++fi) {
-        mfa_mma16816<T>(c.v + (fi * (N / 8) + fj) * 4, fa[fi], fb);
-        mfa_mma16816<T>(c.v + (fi * (N / 8) + fj + 1) * 4, fa[fi], fb + 2);
-      }
-    }
+  for (int fi = 0; fi < M / 16; ++fi) mfa_ldmatrix_x4(fa.f[fi], a + (16 * fi + l % 16) * lda + 16 * kk + 8 * (l / 16));
+}
+
+// B fragments of k-step kk, columns 8·fj .. 8·fj + 15, of a row-major K x N tile in shared memory.
+// matrices: (k 0-7, n 0-7), (k 8-15, n 0-7), (k 0-7, n 8-15), (k 8-15, n 8-15)
+template <typename T>
+MFA_FUNC void load_b_kn(MFA_THR unsigned* fb, MFA_TG const T* b, int ldb, int kk, int fj, int l) {
+  mfa_ldmatrix_x4_trans(fb, b + (16 * kk + l % 8 + 8 * (l / 8 % 2)) * ldb + 8 * fj + 8 * (l / 16));
+}
+
+// Accumulator fragments (fi, fj) and (fi, fj + 1) += fa[fi] · fb, for every fi.
+template <int M, int N, typename T>
+MFA_FUNC void mma_column_pair(MFA_THR Acc<M, N>& c, MFA_THR const AFrags<M>& fa, MFA_THR const unsigned* fb, int fj) {
+  MFA_UNROLL
+  for (int fi = 0; fi < M / 16; ++fi) {
+    mfa_mma16816<T>(c.v + (fi * (N / 8) + fj) * 4, fa.f[fi], fb);
+    mfa_mma16816<T>(c.v + (fi * (N / 8) + fj + 1) * 4, fa.f[fi], fb + 2);
   }
 }
 
-// c (M x N) += a (M x K, row-major in shared memory) * b, b (K x N) row-major.
-template <int K, int M, int N, typename T>
-MFA_FUNC void mma_ab_shared(MFA_THR Acc<M, N>& c, MFA_TG const T* a, int lda, MFA_TG const T* b, int ldb,
-                            LaneCoord lc) {
-  static_assert(N % 16 == 0 && K % 16 == 0, "mma_ab_shared needs N and K multiples of 16");
+// c (M x N) += a (M x K, row-major in shared memory) * B, with B = b^T for b (N x K) row-major
+// (BT = 1) or B = b (K x N) row-major (BT = 0).  Rows must be 16-byte aligned (ld a multiple of
+// 8 elements).
+template <int K, int BT, int M, int N, typename T>
+MFA_FUNC void mma_shared(MFA_THR Acc<M, N>& c, MFA_TG const T* a, int lda, MFA_TG const T* b, int ldb, LaneCoord lc) {
+  static_assert(N % 16 == 0 && K % 16 == 0, "shared-memory products need N and K multiples of 16");
   const int l = lc.lane;
   MFA_UNROLL
   for (int kk = 0; kk < K / 16; ++kk) {
-    unsigned fa[M / 16][4];
-    MFA_UNROLL
-    for (int fi = 0; fi < M / 16; ++fi)
-      mfa_ldmatrix_x4(fa[fi], a + (16 * fi + l % 16) * lda + 16 * kk + 8 * (l / 16));
+    AFrags<M> fa;
+    load_a_shared(fa, a, lda, kk, l);
     MFA_UNROLL
     for (int fj = 0; fj < N / 8; fj += 2) {
       unsigned fb[4];
-      mfa_ldmatrix_x4_trans(fb, b + (16 * kk + l % 8 + 8 * (l / 8 % 2)) * ldb + 8 * fj + 8 * (l / 16));
-      MFA_UNROLL
-      for (int fi = 0; fi < M / 16; ++fi) {
-        mfa_mma16816<T>(c.v + (fi * (N / 8) + fj) * 4, fa[fi], fb);
-        mfa_mma16816<T>(c.v + (fi * (N / 8) + fj + 1) * 4, fa[fi], fb + 2);
-      }
+      if (BT)  // matrices: (n 0-7, k 0-7), (n 0-7, k 8-15), (n 8-15, k 0-7), (n 8-15, k 8-15)
+        mfa_ldmatrix_x4(fb, b + (8 * fj + l % 8 + 8 * (l / 16)) * ldb + 16 * kk + 8 * (l / 8 % 2));
+      else
+        load_b_kn(fb, b, ldb, kk, fj, l);
+      mma_column_pair<M, N, T>(c, fa, fb, fj);
     }
   }
 }
@@ -141,37 +142,29 @@ MFA_FUNC void mma_ab(MFA_THR Acc<M, N>& c, MFA_THR const Acc<M, K>& p, MFA_TG co
   const int l = lc.lane;
   MFA_UNROLL
   for (int kk = 0; kk < K / 16; ++kk) {
-    unsigned fa[M / 16][4], fr[M / 16][4];
+    AFrags<M> fa, fr;
     MFA_UNROLL
     for (int fi = 0; fi < M / 16; ++fi) {
       // accumulator fragments (fi, 2kk) and (fi, 2kk+1) are the A fragment's k halves
       const float* lo = p.v + (fi * (K / 8) + 2 * kk) * 4;
       const float* hi = lo + 4;
-      fa[fi][0] = mfa_pack2<T>(lo[0], lo[1]);
-      fa[fi][1] = mfa_pack2<T>(lo[2], lo[3]);
-      fa[fi][2] = mfa_pack2<T>(hi[0], hi[1]);
-      fa[fi][3] = mfa_pack2<T>(hi[2], hi[3]);
+      fa.f[fi][0] = mfa_pack2<T>(lo[0], lo[1]);
+      fa.f[fi][1] = mfa_pack2<T>(lo[2], lo[3]);
+      fa.f[fi][2] = mfa_pack2<T>(hi[0], hi[1]);
+      fa.f[fi][3] = mfa_pack2<T>(hi[2], hi[3]);
       if (SPLIT) {  // the rounding residuals
-        fr[fi][0] = mfa_pack2<T>(lo[0] - mfa_round<T>(lo[0]), lo[1] - mfa_round<T>(lo[1]));
-        fr[fi][1] = mfa_pack2<T>(lo[2] - mfa_round<T>(lo[2]), lo[3] - mfa_round<T>(lo[3]));
-        fr[fi][2] = mfa_pack2<T>(hi[0] - mfa_round<T>(hi[0]), hi[1] - mfa_round<T>(hi[1]));
-        fr[fi][3] = mfa_pack2<T>(hi[2] - mfa_round<T>(hi[2]), hi[3] - mfa_round<T>(hi[3]));
+        fr.f[fi][0] = mfa_pack2<T>(lo[0] - mfa_round<T>(lo[0]), lo[1] - mfa_round<T>(lo[1]));
+        fr.f[fi][1] = mfa_pack2<T>(lo[2] - mfa_round<T>(lo[2]), lo[3] - mfa_round<T>(lo[3]));
+        fr.f[fi][2] = mfa_pack2<T>(hi[0] - mfa_round<T>(hi[0]), hi[1] - mfa_round<T>(hi[1]));
+        fr.f[fi][3] = mfa_pack2<T>(hi[2] - mfa_round<T>(hi[2]), hi[3] - mfa_round<T>(hi[3]));
       }
     }
     MFA_UNROLL
     for (int fj = 0; fj < N / 8; fj += 2) {
-      // matrices: (k 0-7, n 0-7), (k 8-15, n 0-7), (k 0-7, n 8-15), (k 8-15, n 8-15)
       unsigned fb[4];
-      mfa_ldmatrix_x4_trans(fb, b + (16 * kk + l % 8 + 8 * (l / 8 % 2)) * ldb + 8 * fj + 8 * (l / 16));
-      MFA_UNROLL
-      for (int fi = 0; fi < M / 16; ++fi) {
-        mfa_mma16816<T>(c.v + (fi * (N / 8) + fj) * 4, fa[fi], fb);
-        mfa_mma16816<T>(c.v + (fi * (N / 8) + fj + 1) * 4, fa[fi], fb + 2);
-        if (SPLIT) {
-          mfa_mma16816<T>(c.v + (fi * (N / 8) + fj) * 4, fr[fi], fb);
-          mfa_mma16816<T>(c.v + (fi * (N / 8) + fj + 1) * 4, fr[fi], fb + 2);
-        }
-      }
+      load_b_kn(fb, b, ldb, kk, fj, l);
+      mma_column_pair<M, N, T>(c, fa, fb, fj);
+      if (SPLIT) mma_column_pair<M, N, T>(c, fr, fb, fj);
     }
   }
 }

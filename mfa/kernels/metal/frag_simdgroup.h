@@ -85,53 +85,59 @@ MFA_FUNC void frag_mma(MFA_THR float* c, MFA_THR const simdgroup_float8x8& a,
   c[1] = acc.thread_elements()[1];
 }
 
-// c (M x N) += a (M x K, row-major in threadgroup memory) * b^T, b (N x K) row-major.
-template <int K, int M, int N, typename T>
-MFA_FUNC void mma_abt(MFA_THR Acc<M, N>& c, MFA_TG const T* a, int lda, MFA_TG const T* b,
-                      int ldb, LaneCoord lc) {
+// The A operand of one k-step: M/8 fragments of 8 x 8.
+template <int M>
+struct AFrags {
+  simdgroup_float8x8 f[M / 8];
+};
+
+// A fragments of k-step kk of a row-major M x K tile in threadgroup memory (widened to float).
+template <int M, typename T>
+MFA_FUNC void load_a_shared(MFA_THR AFrags<M>& fa, MFA_TG const T* a, int lda, int kk, LaneCoord lc) {
   MFA_UNROLL
-  for (int kk = 0; kk < K / 8; ++kk) {
-    simdgroup_float8x8 fa[M / 8];
-    MFA_UNROLL
-    for (int fi = 0; fi < M / 8; ++fi) {
-      MFA_TG const T* p = a + (8 * fi + lc.r) * lda + 8 * kk + lc.c;
-      fa[fi].thread_elements()[0] = float(p[0]);
-      fa[fi].thread_elements()[1] = float(p[1]);
-    }
-    MFA_UNROLL
-    for (int fj = 0; fj < N / 8; ++fj) {
-      // fragment element (k, n) = b[n][k]: this lane's are (lc.r, lc.c) and (lc.r, lc.c + 1)
-      simdgroup_float8x8 fb;
-      MFA_TG const T* p = b + (8 * fj + lc.c) * ldb + 8 * kk + lc.r;
-      fb.thread_elements()[0] = float(p[0]);
-      fb.thread_elements()[1] = float(p[ldb]);
-      MFA_UNROLL
-      for (int fi = 0; fi < M / 8; ++fi) frag_mma(c.v + (fi * (N / 8) + fj) * 2, fa[fi], fb);
-    }
+  for (int fi = 0; fi < M / 8; ++fi) {
+    MFA_TG const T* p = a + (8 * fi + lc.r) * lda + 8 * kk + lc.c;
+    fa.f[fi].thread_elements()[0] = float(p[0]);
+    fa.f[fi].thread_elements()[1] = float(p[1]);
   }
 }
 
-// c (M x N) += a (M x K, row-major in threadgroup memory) * b, b (K x N) row-major.
-template <int K, int M, int N, typename T>
-MFA_FUNC void mma_ab_shared(MFA_THR Acc<M, N>& c, MFA_TG const T* a, int lda, MFA_TG const T* b, int ldb,
-                            LaneCoord lc) {
+// The B fragment of k-step kk, columns 8·fj .. 8·fj + 7, of a row-major K x N threadgroup tile.
+template <typename T>
+MFA_FUNC void load_b_kn(MFA_THR simdgroup_float8x8& fb, MFA_TG const T* b, int ldb, int kk, int fj, LaneCoord lc) {
+  MFA_TG const T* q = b + (8 * kk + lc.r) * ldb + 8 * fj + lc.c;
+  fb.thread_elements()[0] = float(q[0]);
+  fb.thread_elements()[1] = float(q[1]);
+}
+
+// Accumulator fragments (fi, fj) += fa[fi] · fb, for every fi.
+template <int M, int N>
+MFA_FUNC void mma_column(MFA_THR Acc<M, N>& c, MFA_THR const AFrags<M>& fa, MFA_THR const simdgroup_float8x8& fb,
+                         int fj) {
+  MFA_UNROLL
+  for (int fi = 0; fi < M / 8; ++fi) frag_mma(c.v + (fi * (N / 8) + fj) * 2, fa.f[fi], fb);
+}
+
+// c (M x N) += a (M x K, row-major in threadgroup memory) * B, with B = b^T for b (N x K)
+// row-major (BT = 1) or B = b (K x N) row-major (BT = 0).
+template <int K, int BT, int M, int N, typename T>
+MFA_FUNC void mma_shared(MFA_THR Acc<M, N>& c, MFA_TG const T* a, int lda, MFA_TG const T* b, int ldb, LaneCoord lc) {
   MFA_UNROLL
   for (int kk = 0; kk < K / 8; ++kk) {
-    simdgroup_float8x8 fa[M / 8];
-    MFA_UNROLL
-    for (int fi = 0; fi < M / 8; ++fi) {
-      MFA_TG const T* p = a + (8 * fi + lc.r) * lda + 8 * kk + lc.c;
-      fa[fi].thread_elements()[0] = float(p[0]);
-      fa[fi].thread_elements()[1] = float(p[1]);
-    }
+    AFrags<M> fa;
+    load_a_shared(fa, a, lda, kk, lc);
     MFA_UNROLL
     for (int fj = 0; fj < N / 8; ++fj) {
       simdgroup_float8x8 fb;
-      MFA_TG const T* q = b + (8 * kk + lc.r) * ldb + 8 * fj + lc.c;
-      fb.thread_elements()[0] = float(q[0]);
-      fb.thread_elements()[1] = float(q[1]);
-      MFA_UNROLL
-      for (int fi = 0; fi < M / 8; ++fi) frag_mma(c.v + (fi * (N / 8) + fj) * 2, fa[fi], fb);
+      if (BT) {
+        // fragment element (k, n) = b[n][k]: this lane's are (lc.r, lc.c) and (lc.r, lc.c + 1)
+        MFA_TG const T* p = b + (8 * fj + lc.c) * ldb + 8 * kk + lc.r;
+        fb.thread_elements()[0] = float(p[0]);
+        fb.thread_elements()[1] = float(p[ldb]);
+      } else {
+        load_b_kn(fb, b, ldb, kk, fj, lc);
+      }
+      mma_column(c, fa, fb, fj);
     }
   }
 }
@@ -143,20 +149,17 @@ MFA_FUNC void mma_ab(MFA_THR Acc<M, N>& c, MFA_THR const Acc<M, K>& p, MFA_TG co
                      LaneCoord lc) {
   MFA_UNROLL
   for (int kk = 0; kk < K / 8; ++kk) {
-    simdgroup_float8x8 fa[M / 8];
+    AFrags<M> fa;
     MFA_UNROLL
     for (int fi = 0; fi < M / 8; ++fi) {
-      fa[fi].thread_elements()[0] = p.v[(fi * (K / 8) + kk) * 2];
-      fa[fi].thread_elements()[1] = p.v[(fi * (K / 8) + kk) * 2 + 1];
+      fa.f[fi].thread_elements()[0] = p.v[(fi * (K / 8) + kk) * 2];
+      fa.f[fi].thread_elements()[1] = p.v[(fi * (K / 8) + kk) * 2 + 1];
     }
     MFA_UNROLL
     for (int fj = 0; fj < N / 8; ++fj) {
       simdgroup_float8x8 fb;
-      MFA_TG const T* q = b + (8 * kk + lc.r) * ldb + 8 * fj + lc.c;
-      fb.thread_elements()[0] = float(q[0]);
-      fb.thread_elements()[1] = float(q[1]);
-      MFA_UNROLL
-      for (int fi = 0; fi < M / 8; ++fi) frag_mma(c.v + (fi * (N / 8) + fj) * 2, fa[fi], fb);
+      load_b_kn(fb, b, ldb, kk, fj, lc);
+      mma_column(c, fa, fb, fj);
     }
   }
 }

@@ -1,7 +1,21 @@
-// Tile layer, common part: cooperative copies between device and threadgroup memory, and
-// stores of accumulators and per-row vectors.  Built on the prelude's dialect and on the
-// fragment family included before it (frag_simdgroup.h or frag_mma.h).
+// Tile layer, common part: the products of shared tiles by name, cooperative copies between
+// device and threadgroup memory, and stores of accumulators and per-row vectors.  Built on the
+// prelude's dialect and on the fragment family included before it (frag_simdgroup.h or
+// frag_mma.h), which supplies Acc, AFrags and mma_shared.
 namespace mfa {
+
+// c (M x N) += a (M x K) * b^T, a and b (N x K) row-major in threadgroup memory.
+template <int K, int M, int N, typename T>
+MFA_FUNC void mma_abt(MFA_THR Acc<M, N>& c, MFA_TG const T* a, int lda, MFA_TG const T* b, int ldb, LaneCoord lc) {
+  mma_shared<K, 1>(c, a, lda, b, ldb, lc);
+}
+
+// c (M x N) += a (M x K) * b, a and b (K x N) row-major in threadgroup memory.
+template <int K, int M, int N, typename T>
+MFA_FUNC void mma_ab_shared(MFA_THR Acc<M, N>& c, MFA_TG const T* a, int lda, MFA_TG const T* b, int ldb,
+                            LaneCoord lc) {
+  mma_shared<K, 0>(c, a, lda, b, ldb, lc);
+}
 
 // The 16-byte chunks of a ROWS x COLS tile of T shared out over NT threads: thread tid takes
 // chunks tid, tid + NT, ... (consecutive threads on consecutive chunks of a row).
