@@ -218,10 +218,6 @@ mfa_async_wait<0>();
 
 MFA_UNROLL
 for (int i = 0; i < Acc<WM, D>::SIZE; ++i) dk.v[i] *= scale;
-// through shared memory (this warp's rows of the K and V tiles), so that whole rows are stored
-mfa_barrier();  // every copy into the K and V tiles has landed, even when no work item ran
-acc_to_shared(dk, sK + warp * WM * LD, LD, lc);
-acc_to_shared(dv, sV + warp * WM * LD, LD, lc);
-mfa_barrier();
-store_tile<BK, D, NT>(dk_out + kv_base * D, D, sK, LD, sg.nk - k0, tid);
-store_tile<BK, D, NT>(dv_out + kv_base * D, D, sV, LD, sg.nk - k0, tid);
+// whole rows, through the K and V tiles
+store_acc_rows<BK, NT>(dk, sK, LD, dk_out + kv_base * D, D, sg.nk - k0, warp, tid, lc);
+store_acc_rows<BK, NT>(dv, sV, LD, dv_out + kv_base * D, D, sg.nk - k0, warp, tid, lc);

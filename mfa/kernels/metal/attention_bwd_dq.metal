@@ -165,11 +165,7 @@ mfa_async_wait<0>();
 
 MFA_UNROLL
 for (int i = 0; i < Acc<WM, D>::SIZE; ++i) dq.v[i] *= scale;
-// through shared memory (this warp's rows of the Q tile), so that whole rows are stored
-mfa_barrier();  // every copy into the Q tile has landed, even when no key tile was visited
-acc_to_shared(dq, sQ + warp * WM * LD, LD, lc);
-mfa_barrier();
-store_tile<BQ, D, NT>(dq_out + row_base * D, D, sQ, LD, sg.nq - q0, tid);
+store_acc_rows<BQ, NT>(dq, sQ, LD, dq_out + row_base * D, D, sg.nq - q0, warp, tid, lc);  // through the Q tile
 
 if (DBIAS == 2) {
   // bias broadcast over keys: one entry per query row, summed over this row's keys

@@ -177,11 +177,9 @@ const int rows_valid = sg.nq - row0;
 if (EXACT) {
   store_acc(o, out + (q_rows + row0) * D, D, rows_valid, lc);
 } else {
-  // through shared memory (this warp's rows of the Q tile), so that whole rows are stored
-  mfa_barrier();  // every copy into the Q tile has landed, even when no key tile was visited
-  acc_to_shared(o, sQ + warp * WM * LD, LD, lc);
-  mfa_barrier();
-  // (out is T here; the cast only lets the EXACT instantiation, whose out is float, compile)
-  store_tile<BQ, D, NT>(reinterpret_cast<MFA_DEV T*>(out) + (q_rows + q0) * D, D, sQ, LD, sg.nq - q0, tid);
+  // whole rows through the Q tile (out is T here; the cast only lets the EXACT instantiation,
+  // whose out is float, compile)
+  store_acc_rows<BQ, NT>(o, sQ, LD, reinterpret_cast<MFA_DEV T*>(out) + (q_rows + q0) * D, D, sg.nq - q0, warp, tid,
+                         lc);
 }
 store_rows(lse_rows, lse + q_rows + row0, rows_valid, lc);

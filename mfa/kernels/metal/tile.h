@@ -69,6 +69,19 @@ MFA_FUNC void acc_to_shared(MFA_THR const Acc<M, N>& a, MFA_TG T* dst, int ld, L
   for (int i = 0; i < Acc<M, N>::SIZE; ++i) dst[Acc<M, N>::row(lc, i) * ld + Acc<M, N>::col(lc, i)] = static_cast<T>(a.v[i]);
 }
 
+// Store an accumulator held by all NW warps (warp w owns rows w·M ..) as whole rows: each warp
+// writes its rows into `stage` (a ROWS x N threadgroup tile, row stride ld), then all NT threads
+// store rows < rows_valid to dst (row stride ldd) 16 bytes at a time.  Every thread calls it,
+// after mfa_async_wait<0>() and once no warp reads `stage` any more.
+template <int ROWS, int NT, int M, int N, typename T>
+MFA_FUNC void store_acc_rows(MFA_THR const Acc<M, N>& a, MFA_TG T* stage, int ld, MFA_DEV T* dst, int ldd,
+                             int rows_valid, int warp, int tid, LaneCoord lc) {
+  mfa_barrier();  // every thread's copies into the stage have landed and none still reads it
+  acc_to_shared(a, stage + warp * M * ld, ld, lc);
+  mfa_barrier();
+  store_tile<ROWS, N, NT>(dst, ldd, stage, ld, rows_valid, tid);
+}
+
 // Write rows < rows_valid of a warp's accumulator to device memory (row stride ld), as T.
 template <int M, int N, typename T>
 MFA_FUNC void store_acc(MFA_THR const Acc<M, N>& a, MFA_DEV T* dst, int ld, int rows_valid,
