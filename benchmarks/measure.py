@@ -3,7 +3,8 @@
 Backends: ``sdpa`` (`mx.fast.scaled_dot_product_attention`), ``naive`` (plain MLX ops: the
 score matrix materialized in the input dtype, softmax in float32) and ``mfa:<backend>``
 (`mfa.flash_attention` with ``backend=<backend>``: auto, tiled, cuda, metal, emulator, ...).
-Modes: ``fwd`` (out) and ``fwd+bwd`` (dq, dk, dv of sum(out·dout) through ``mx.grad``).
+Modes: ``fwd`` (out) and ``fwd+bwd`` (dq, dk, dv for the cotangent ``dout`` of out, through
+``mx.vjp``: what FlashAttention's benchmarks time as ``out.backward(dout)``).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import statistics
 import time
-from typing import Callable, Optional
+from typing import Callable, List, Optional
 
 import mlx.core as mx
 
@@ -100,21 +101,49 @@ def step_fn(backend: str, case: Case, mode: str, dtype) -> Callable[[], list]:
     attn = attention_fn(backend, case, case.D**-0.5)
     if mode == "fwd":
         return lambda: [attn(q, k, v)]
-    grad = mx.grad(lambda q, k, v: (attn(q, k, v) * dout).astype(mx.float32).sum(), argnums=(0, 1, 2))
-    return lambda: list(grad(q, k, v))
+    return vjp_step(attn, [q, k, v], dout)
+
+
+def vjp_step(fn: Callable, arrays: List[mx.array], dout: mx.array) -> Callable[[], list]:
+    """A step computing the gradients of ``fn(*arrays)`` with respect to every array for the
+    cotangent ``dout`` (forward and backward, no loss reduction around them)."""
+    return lambda: list(mx.vjp(fn, arrays, [dout])[1])
 
 
 @dataclasses.dataclass
 class Result:
+    """``ms``: median latency of one step run alone (graph build, launch, synchronize); ``pipelined_ms``:
+    time per step when steps run back to back, the host building step i+1 while the device runs step i
+    (what a training loop with ``mx.async_eval`` sees, and what CUDA-event timings report)."""
+
     ms: Optional[float] = None
     tflops: Optional[float] = None
     peak_mib: Optional[float] = None
+    pipelined_ms: Optional[float] = None
     error: str = ""
 
 
+def pipelined_ms(step: Callable[[], list], iters: int) -> float:
+    """Mean time per step over `iters` steps with at most two in flight: step i is built and queued
+    (``mx.async_eval``) before waiting for step i-1."""
+    mx.synchronize()
+    t0 = time.perf_counter()
+    previous = None
+    for _ in range(iters):
+        outs = step()
+        mx.async_eval(outs)
+        if previous is not None:
+            mx.eval(previous)
+        previous = outs
+    mx.eval(previous)
+    mx.synchronize()
+    return 1e3 * (time.perf_counter() - t0) / iters
+
+
 def time_step(step: Callable[[], list], flops: float, warmup: int, iters: int) -> Result:
-    """Median wall time of ``mx.eval(step())`` over `iters` runs after `warmup`, and the extra peak
-    memory of one run; errors (OOM, an unsupported call) are returned in the result, not raised."""
+    """Median wall time of ``mx.eval(step())`` over `iters` runs after `warmup`, the pipelined time per
+    step over ``2 * iters`` steps, and the extra peak memory of one run; errors (OOM, an unsupported
+    call) are returned in the result, not raised."""
     try:
         for _ in range(warmup):
             mx.eval(step())
@@ -131,7 +160,8 @@ def time_step(step: Callable[[], list], flops: float, warmup: int, iters: int) -
             mx.synchronize()
             times.append(time.perf_counter() - t0)
         ms = 1e3 * statistics.median(times)
-        return Result(ms=ms, tflops=flops / (ms * 1e-3) / 1e12, peak_mib=peak)
+        return Result(ms=ms, tflops=flops / (ms * 1e-3) / 1e12, peak_mib=peak,
+                      pipelined_ms=pipelined_ms(step, 2 * iters))
     except Exception as err:  # OOM, an unsupported call: reported in the table, not fatal
         return Result(error=f"{type(err).__name__}: {str(err).splitlines()[0][:160]}")
     finally:

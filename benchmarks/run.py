@@ -6,7 +6,8 @@
     python -m benchmarks.run --backends sdpa,mfa:cuda --dims 64,128 --lengths 4096 --causal 1
 
 Prints a Markdown table per mode and writes ``results.json`` and ``results.md`` to ``--out``.
-Columns: ms (median), TFLOP/s (forward 4·B·H·N²·D × attended fraction; fwd+bwd 3.5× that),
+Columns: ms (median latency of one call), pipelined ms (per call, calls back to back; see
+`measure.pipelined_ms`), TFLOP/s (forward 4·B·H·N²·D × attended fraction; fwd+bwd 3.5× that),
 extra peak memory over the inputs (MiB), and speed ratios (SDPA ms / ms, naive ms / ms; > 1
 means faster than that baseline).
 """
@@ -73,16 +74,17 @@ def fmt(x, spec):
 
 
 def markdown(rows: List[Dict], mode: str) -> str:
-    lines = [f"### {mode}", "", "| shape | backend | ms | TFLOP/s | extra peak MiB | × SDPA | × naive |",
-             "|---|---|---:|---:|---:|---:|---:|"]
+    lines = [f"### {mode}", "", "| shape | backend | ms | TFLOP/s | extra peak MiB | × SDPA | × naive "
+             "| pipelined ms | × SDPA pipelined |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         if r["mode"] != mode:
             continue
         if r["error"]:
-            lines.append(f"| {r['shape']} | {r['backend']} | {r['error']} | | | | |")
+            lines.append(f"| {r['shape']} | {r['backend']} | {r['error']} | | | | | | |")
             continue
         lines.append(f"| {r['shape']} | {r['backend']} | {fmt(r['ms'], '.2f')} | {fmt(r['tflops'], '.3g')} | "
-                     f"{fmt(r['peak_mib'], '.0f')} | {fmt(r['vs_sdpa'], '.2f')} | {fmt(r['vs_naive'], '.2f')} |")
+                     f"{fmt(r['peak_mib'], '.0f')} | {fmt(r['vs_sdpa'], '.2f')} | {fmt(r['vs_naive'], '.2f')} | "
+                     f"{fmt(r.get('pipelined_ms'), '.2f')} | {fmt(r.get('vs_sdpa_pipelined'), '.2f')} |")
     return "\n".join(lines)
 
 
@@ -146,10 +148,13 @@ def main(argv=None) -> int:
             results = {b: measure(b, case, mode, dtype, warmup, iters) for b in backends}
             for b, r in results.items():
                 ref = {name: results[name].ms for name in ("sdpa", "naive") if name in results}
+                sdpa_pipelined = results["sdpa"].pipelined_ms if "sdpa" in results else None
                 row = {"shape": case.label, **dataclasses.asdict(case), "dtype": str(dtype), "backend": b, "mode": mode,
                        **dataclasses.asdict(r),
                        "vs_sdpa": ref["sdpa"] / r.ms if r.ms and ref.get("sdpa") else None,
-                       "vs_naive": ref["naive"] / r.ms if r.ms and ref.get("naive") else None}
+                       "vs_naive": ref["naive"] / r.ms if r.ms and ref.get("naive") else None,
+                       "vs_sdpa_pipelined": sdpa_pipelined / r.pipelined_ms if r.pipelined_ms and sdpa_pipelined
+                       else None}
                 rows.append(row)
                 shown = r.error or f"{r.ms:.2f} ms  {r.tflops:.3g} TFLOP/s  +{r.peak_mib:.0f} MiB"
                 print(f"{case.label:52s} {mode:8s} {b:12s} {shown}", flush=True)

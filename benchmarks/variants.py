@@ -16,7 +16,8 @@ Scenarios (bf16 on a GPU; ``--small`` shrinks every shape):
 - ``varlen``: 16 documents of 128–4096 tokens, causal, H=16 D=64, packed — vs SDPA on the padded
   batch with the causal mask (fused) and with a bool mask (causal & padding).
 
-TFLOP/s count useful work only: forward ``4·H·D`` per attended (query, key) pair, fwd+bwd 3.5×.
+fwd+bwd computes the gradients for a cotangent of out (``mx.vjp``, `measure.vjp_step`).  TFLOP/s count
+useful work only: forward ``4·H·D`` per attended (query, key) pair, fwd+bwd 3.5×.
 Writes ``results.json`` / ``results.md`` as it goes; ``--tests S`` first runs
 tests/test_kernels_native.py (at most S seconds, ``tests.txt``); ``--deadline S`` skips what
 would start after S seconds, so a bounded run still returns what it measured.
@@ -36,7 +37,7 @@ import mlx.core as mx
 import numpy as np
 
 from benchmarks import run as bench
-from benchmarks.measure import Result, time_step, window_mask
+from benchmarks.measure import Result, time_step, vjp_step, window_mask
 
 SCENARIOS = ("window", "bias", "sparse", "extras", "varlen")  # the padded bool-mask baseline, the heaviest, last
 
@@ -55,14 +56,8 @@ def _normal(shape, dtype, seed):
     return mx.random.normal(shape, key=mx.random.key(seed)).astype(dtype)
 
 
-def _grad_step(fn: Callable, arrays: List[mx.array], dout: mx.array) -> Callable[[], list]:
-    """``[gradients of sum(fn(*arrays)·dout)]`` w.r.t. every array."""
-    grad = mx.grad(lambda *xs: (fn(*xs) * dout).astype(mx.float32).sum(), argnums=tuple(range(len(arrays))))
-    return lambda: list(grad(*arrays))
-
-
 def _both_modes(scenario, shape, backend, fn, arrays, dout, flops, group="") -> List[Entry]:
-    steps = {"fwd": lambda: [fn(*arrays)], "fwd+bwd": _grad_step(fn, arrays, dout)}
+    steps = {"fwd": lambda: [fn(*arrays)], "fwd+bwd": vjp_step(fn, arrays, dout)}
     return [Entry(scenario, shape, backend, m, steps[m], flops * (1.0 if m == "fwd" else 3.5), group)
             for m in ("fwd", "fwd+bwd")]
 
@@ -206,27 +201,35 @@ ENTRIES = {"window": window_entries, "bias": bias_entries, "sparse": sparse_entr
 
 
 def with_ratios(rows: List[Dict]) -> List[Dict]:
-    """Add ``speedup`` of every row over each baseline (sdpa*/naive*) of its group and mode."""
+    """Add ``speedup`` (latency) and ``speedup_pipelined`` of every row over each baseline (sdpa*/naive*)
+    of its group and mode."""
     for r in rows:
-        r["speedup"] = {}
-        for base in rows:
-            baseline = base["backend"].startswith(("sdpa", "naive"))
-            if baseline and base["group"] == r["group"] and base["mode"] == r["mode"] and base["ms"] and r["ms"]:
-                r["speedup"][base["backend"]] = base["ms"] / r["ms"]
+        for key, field in (("speedup", "ms"), ("speedup_pipelined", "pipelined_ms")):
+            r[key] = {}
+            for base in rows:
+                baseline = base["backend"].startswith(("sdpa", "naive"))
+                if (baseline and base["group"] == r["group"] and base["mode"] == r["mode"]
+                        and base.get(field) and r.get(field)):
+                    r[key][base["backend"]] = base[field] / r[field]
     return rows
 
 
 def markdown(rows: List[Dict], device: str) -> str:
-    lines = [f"Device: {device}; useful TFLOP/s; speedup = baseline ms / ms.", "",
-             "| scenario | shape | backend | mode | ms | TFLOP/s | extra peak MiB | speedup over baselines |",
-             "|---|---|---|---|---:|---:|---:|---|"]
+    lines = [f"Device: {device}; useful TFLOP/s (of the latency); speedup = baseline ms / ms.",
+             "latency: one step built, run and synchronized alone; pipelined: per step, steps back to back "
+             "(step i+1 built while step i runs).", "",
+             "| scenario | shape | backend | mode | latency ms | TFLOP/s | pipelined ms | extra peak MiB "
+             "| speedup (latency) | speedup (pipelined) |",
+             "|---|---|---|---|---:|---:|---:|---:|---|---|"]
     for r in rows:
+        head = f"| {r['scenario']} | {r['shape']} | {r['backend']} | {r['mode']} |"
         if r["error"]:
-            lines.append(f"| {r['scenario']} | {r['shape']} | {r['backend']} | {r['mode']} | {r['error']} | | | |")
+            lines.append(f"{head} {r['error']} | | | | | |")
             continue
-        ups = ", ".join(f"{x:.2f}× {name}" for name, x in r["speedup"].items() if name != r["backend"])
-        lines.append(f"| {r['scenario']} | {r['shape']} | {r['backend']} | {r['mode']} | {r['ms']:.2f} | "
-                     f"{r['tflops']:.3g} | {r['peak_mib']:.0f} | {ups} |")
+        ups = {key: ", ".join(f"{x:.2f}× {name}" for name, x in r[key].items() if name != r["backend"])
+               for key in ("speedup", "speedup_pipelined")}
+        lines.append(f"{head} {r['ms']:.2f} | {r['tflops']:.3g} | {r['pipelined_ms']:.2f} | {r['peak_mib']:.0f} | "
+                     f"{ups['speedup']} | {ups['speedup_pipelined']} |")
     return "\n".join(lines)
 
 
@@ -275,7 +278,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                 r = time_step(e.step, e.flops, args.warmup, args.iters)
             rows.append({"scenario": e.scenario, "shape": e.shape, "backend": e.backend, "mode": e.mode,
                          "group": e.group, "dtype": str(dtype), **vars(r)})
-            shown = r.error or f"{r.ms:.2f} ms  {r.tflops:.3g} TFLOP/s  +{r.peak_mib:.0f} MiB"
+            shown = r.error or (f"{r.ms:.2f} ms ({r.pipelined_ms:.2f} pipelined)  {r.tflops:.3g} TFLOP/s  "
+                                f"+{r.peak_mib:.0f} MiB")
             print(f"{e.scenario:7s} {e.backend:34s} {e.mode:8s} {shown}   [{e.shape}]", flush=True)
             with_ratios(rows)
             (out / "results.json").write_text(json.dumps({"device": device, "rows": rows}, indent=1))

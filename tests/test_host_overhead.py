@@ -55,10 +55,10 @@ def test_recorded_launches_follow_mfa_blocks(monkeypatch):
     default = offline.record_cuda_launches(_forward_and_backward, spec, inputs)
     monkeypatch.setenv("MFA_BLOCKS", "fwd=32x32x2x1,dq=32x32x2x1,dkdv=32x32x2x1")
     tuned = offline.record_cuda_launches(_forward_and_backward, spec, inputs)
-    names = ["attention_fwd", "attention_bwd_preprocess", "attention_bwd_dq", "attention_bwd_dkdv"]
+    names = ["attention_fwd", "attention_bwd_dq", "attention_bwd_dkdv"]
     assert [c[0] for c in default] == [c[0] for c in tuned] == names
     block_q = lambda call: dict(call[1]).get("BQ")  # noqa: E731
-    assert [block_q(c) for c in tuned] == [32, None, 32, 32]
+    assert [block_q(c) for c in tuned] == [32, 32, 32]
     assert [block_q(c) for c in default] != [block_q(c) for c in tuned]
 
 

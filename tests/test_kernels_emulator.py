@@ -438,3 +438,46 @@ def test_fused_dq_stays_split_where_the_dq_kernel_reduces_a_gradient(monkeypatch
     monkeypatch.setenv("MFA_BWD", "sometimes")
     with pytest.raises(ValueError, match="MFA_BWD"):
         fused_launches(AttentionSpec(scale=0.125), AttentionInputs(q, k, v, None, None, None, None, None))
+
+
+# -- wgmma B tiles (WG = 1: the CUDA family's tensor-core reads from swizzled shared tiles) ---------
+
+def wg_flags(spec, inputs):
+    """The WG value of each kernel one forward and backward launch (recorded, not run)."""
+    def run():
+        out, lse = attention.forward("emulator", spec, inputs)
+        attention.backward("emulator", spec, inputs, out, lse, out, None)
+
+    return {name: dict(template).get("WG") for name, template, _, _ in offline.record_cuda_launches(run)}
+
+
+@pytest.mark.parametrize("D,dtype", [(64, mx.bfloat16), (128, mx.float16)])
+def test_wgmma_b_tiles_in_every_kernel(monkeypatch, D, dtype):
+    """bf16/f16 with head dims in 64s: the forward, dq and dk/dv kernels all read their B tiles with
+    (emulated) wgmma — two column blocks at D = 128, ALiBi + sinks taking the split P·V — and match
+    the oracle; ``$MFA_WGMMA=0`` goes back to mma.sync with 32-row warps in the forward."""
+    monkeypatch.setenv("MFA_EMULATOR_ARCH", "cuda")
+    q, k, v = random_qkv(2, 4, 2, 150, 130, D, dtype=dtype, seed=D)
+    slopes, sinks = mx.array([0.3, 0.1, 0.05, 0.02]), mx.random.normal((4,), key=mx.random.key(2))
+    spec = AttentionSpec(scale=D**-0.5, causal=True, window=(90, 0), has_alibi=True, has_sinks=True)
+    flags = wg_flags(spec, AttentionInputs(q, k, v, None, slopes, sinks, None, None))
+    assert flags == {"attention_fwd": 1, "attention_bwd_dq": 1, "attention_bwd_dkdv": 1}
+    check(q, k, v, True, window=(90, 0), slopes=slopes, sinks=sinks)
+    monkeypatch.setenv("MFA_WGMMA", "0")
+    flags = wg_flags(spec, AttentionInputs(q, k, v, None, slopes, sinks, None, None))
+    assert {flags[n] for n in ("attention_fwd", "attention_bwd_dq", "attention_bwd_dkdv")} == {0}
+    assert attention.block_sizes("emulator", D, dtype).fwd == kernels.Tiles(128, 64, 4, 2)
+
+
+def test_wgmma_needs_warpgroups_of_16_row_warps(monkeypatch):
+    """WG only where 4-warp groups own 16 rows each and the score tile's other side is in 64s."""
+    t = kernels.Tiles
+    assert kernels.blocks.wgmma("cuda", "attention_fwd", t(64, 64, 4, 2), 64, mx.bfloat16)
+    assert kernels.blocks.wgmma("cuda", "attention_bwd_dkdv", t(128, 64, 4, 2), 128, mx.float16)
+    assert not kernels.blocks.wgmma("cuda", "attention_fwd", t(128, 64, 4, 2), 64, mx.bfloat16)  # 32-row warps
+    assert not kernels.blocks.wgmma("cuda", "attention_bwd_dq", t(64, 32, 4, 2), 64, mx.bfloat16)
+    assert not kernels.blocks.wgmma("cuda", "attention_fwd", t(64, 64, 4, 2), 80, mx.bfloat16)
+    assert not kernels.blocks.wgmma("cuda", "attention_fwd", t(32, 64, 2, 2), 64, mx.bfloat16)
+    assert not kernels.blocks.wgmma("metal", "attention_fwd", t(64, 64, 4, 2), 64, mx.bfloat16)
+    monkeypatch.setenv("MFA_EMULATOR_ARCH", "cuda")
+    assert attention.block_sizes("emulator", 80, mx.bfloat16).fwd == kernels.Tiles(128, 64, 4, 2)

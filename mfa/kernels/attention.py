@@ -22,7 +22,8 @@ from typing import Optional, Tuple
 import mlx.core as mx
 
 from mfa.kernels import build, sparse
-from mfa.kernels.blocks import FRAGMENT_ROWS, SHARED_LIMIT, BlockSizes, Tiles, padded_head_dim, shared_bytes
+from mfa.kernels.blocks import (FRAGMENT_ROWS, SHARED_LIMIT, BlockSizes, Tiles, padded_head_dim, shared_bytes,
+                                wgmma)
 from mfa.ops.spec import AttentionGrads, AttentionInputs, AttentionSpec
 
 LOG2E = math.log2(math.e)
@@ -167,13 +168,14 @@ def block_sizes(target: str, head_dim: int, dtype: mx.Dtype) -> BlockSizes:
     ``$MFA_BLOCKS`` overrides them for tuning, e.g. ``fwd=128x64x8x2,dq=64x64x4x2,dkdv=64x64x4``
     (block_q x block_k x warps [x stages] per kernel).
     """
-    return _block_sizes(build.arch_of(target), head_dim, dtype, os.environ.get("MFA_BLOCKS", ""))
+    return _block_sizes(build.arch_of(target), head_dim, dtype, os.environ.get("MFA_BLOCKS", ""),
+                        os.environ.get("MFA_WGMMA", "1") != "0")
 
 
 @functools.lru_cache(maxsize=64)
-def _block_sizes(arch: str, head_dim: int, dtype: mx.Dtype, override: str) -> BlockSizes:
-    """`block_sizes` of a fragment family and a ``$MFA_BLOCKS`` value (computed once per key)."""
-    blocks = BlockSizes.default(head_dim, dtype, arch)
+def _block_sizes(arch: str, head_dim: int, dtype: mx.Dtype, override: str, allow_wgmma: bool) -> BlockSizes:
+    """`block_sizes` of a fragment family and ``$MFA_BLOCKS`` / ``$MFA_WGMMA`` values (computed once per key)."""
+    blocks = BlockSizes.default(head_dim, dtype, arch, allow_wgmma)
     for item in filter(None, override.split(",")):
         kernel, _, dims = item.partition("=")
         if kernel not in ("fwd", "dq", "dkdv"):
@@ -182,23 +184,36 @@ def _block_sizes(arch: str, head_dim: int, dtype: mx.Dtype, override: str) -> Bl
     return blocks
 
 
-@functools.lru_cache(maxsize=256)
 def _template(target: str, name: str, tiles: Tiles, dtype: mx.Dtype, d: int, spec: AttentionSpec,
               bias_dtype: mx.Dtype = mx.float32, stage_bias: bool = False, dbias: int = 0,
-              dbias_dtype: mx.Dtype = mx.float32, exact: bool = False, fused: bool = False):
-    """Template values of an attention kernel: the tiles, then the variant switches.
+              dbias_dtype: mx.Dtype = mx.float32, exact: bool = False, fused: bool = False, dlse: bool = False):
+    """Template values of an attention kernel: the tiles, WG, then the variant switches.
 
     ``stage_bias`` (see `bias_tiles`) turns on BIAS_TILE where the staged tiles fit the target's
     shared memory; the kernel reads the bias element by element otherwise.  ``fused``: the dk/dv
-    kernel also computes dq (FUSED_DQ, see `fused_dq`).
+    kernel also computes dq (FUSED_DQ, see `fused_dq`); ``dlse``: the dq kernel reads an lse
+    cotangent (DLSE).  WG = 1 (wgmma B tiles) wherever `blocks.wgmma` allows it, unless
+    ``$MFA_WGMMA=0``.
     """
+    allow_wgmma = os.environ.get("MFA_WGMMA", "1") != "0"
+    return _template_values(target, name, tiles, dtype, d, spec, bias_dtype, stage_bias, dbias, dbias_dtype, exact,
+                            fused, dlse, allow_wgmma)
+
+
+@functools.lru_cache(maxsize=256)
+def _template_values(target: str, name: str, tiles: Tiles, dtype: mx.Dtype, d: int, spec: AttentionSpec,
+                     bias_dtype: mx.Dtype, stage_bias: bool, dbias: int, dbias_dtype: mx.Dtype, exact: bool,
+                     fused: bool, dlse: bool, allow_wgmma: bool):
+    """`_template` for one set of arguments (computed once per key)."""
+    arch = build.arch_of(target)
+    wg = allow_wgmma and wgmma(arch, name, tiles, d, dtype)
     stage_dbias = stage_bias and dbias == DBIAS_ELEMENTS
     smem = shared_bytes(name, tiles, d, dtype.size, bias_dtype.size if stage_bias else 0,
-                        dbias_dtype.size if stage_dbias else 0, fused)
-    if stage_bias and smem > SHARED_LIMIT[build.arch_of(target)]:
-        stage_bias, smem = False, shared_bytes(name, tiles, d, dtype.size, fused_dq=fused)
+                        dbias_dtype.size if stage_dbias else 0, fused, wg)
+    if stage_bias and smem > SHARED_LIMIT[arch]:
+        stage_bias, smem = False, shared_bytes(name, tiles, d, dtype.size, fused_dq=fused, wg=wg)
     template = [("T", dtype), ("D", d), ("BQ", tiles.block_q), ("BK", tiles.block_k), ("NW", tiles.warps),
-                ("STAGES", tiles.stages), ("SMEM", smem),
+                ("STAGES", tiles.stages), ("SMEM", smem), ("WG", int(wg)),
                 ("SOFTCAP", int(bool(spec.softcap))), ("ALIBI", int(spec.has_alibi)), ("BIAS", int(spec.has_bias)),
                 ("VARLEN", int(spec.varlen)), ("SPARSE", int(spec.block_mask is not None)),
                 ("DROPOUT", int(spec.has_dropout)), ("BIAS_TILE", int(stage_bias)), ("TB", bias_dtype)]
@@ -206,6 +221,8 @@ def _template(target: str, name: str, tiles: Tiles, dtype: mx.Dtype, d: int, spe
         template += [("EXACT", int(exact))]
     else:
         template += [("DBIAS", dbias), ("TDB", dbias_dtype)]
+    if name == "attention_bwd_dq":
+        template += [("DLSE", int(dlse))]
     if name == "attention_bwd_dkdv":
         template += [("FUSED_DQ", int(fused))]
     return tuple(template)
@@ -354,7 +371,9 @@ def _dslopes(spec: AttentionSpec, inputs: AttentionInputs, part: mx.array, tile:
 
 def backward(target: str, spec: AttentionSpec, inputs: AttentionInputs, out: mx.array, lse: mx.array,
              dout: mx.array, dlse: Optional[mx.array]) -> AttentionGrads:
-    """Attention backward on a native target (preprocess, dq kernel, dk/dv kernel).
+    """Attention backward on a native target: the dq kernel (which also computes delta), then the
+    dk/dv kernel; or with FUSED_DQ (`fused_dq`) the preprocess kernel for delta, then the dk/dv
+    kernel, which also adds dq.
 
     Args:
         target, spec, inputs: as in `forward`.
@@ -385,11 +404,8 @@ def backward(target: str, spec: AttentionSpec, inputs: AttentionInputs, out: mx.
     call = Call.of(spec, inputs)
     lse = lse.astype(mx.float32)
 
-    # delta = rowsum(dout ∘ out) − dlse (no dlse: zero)
-    template = [("T", q.dtype), ("D", d), ("NW", 4), ("ROWS", PREPROCESS_ROWS), ("DLSE", int(dlse is not None))]
+    has_dlse = dlse is not None
     dlse = _nothing() if dlse is None else dlse.astype(mx.float32)
-    (delta,) = _launch(target, "attention_bwd_preprocess", template, 128, [out, dout, dlse, call.params],
-                       [((B, H, Nq), mx.float32)], (-(-Nq // PREPROCESS_ROWS), H, B))
 
     # dbias: written by the dq kernel (the bias has every query row) or the dk/dv kernel
     layout = call.bias_layout
@@ -400,31 +416,38 @@ def backward(target: str, spec: AttentionSpec, inputs: AttentionInputs, out: mx.
     zero_dq = mode in DQ_MODES and not (layout.unique and (mode == DBIAS_ROWS or not skips))
     zero_dkdv = mode in DKDV_MODES
 
-    common = [q, k, v, dout, lse, delta, call.params, call.fparams, call.slopes, call.bias]
+    variants = [call.params, call.fparams, call.slopes, call.bias]
     stage_bias = bias_tiles(spec, inputs, layout)
     fused = fused_dq(target, spec, layout, blocks.dkdv, d, q.dtype)
 
-    def launch_grad(name, t, transposed, modes, grads, extra, heads, zero):
-        """One backward kernel: its gradients, dbias (when this kernel owns the bias's reduction),
-        then the `extra` outputs."""
+    def launch_grad(name, t, transposed, modes, ins, grads, extra, heads, zero):
+        """One backward kernel on inputs `ins` (then the variants' buffers): its gradients, dbias
+        (when this kernel owns the bias's reduction), then the `extra` outputs."""
         sched, bits, count = _schedule(spec, inputs, t, transposed=transposed)
         own = mode if mode in modes else 0
         dbias_out = (dbias_shape, dbias_dtype) if own else ((8,), mx.float32)
         template = _template(target, name, t, q.dtype, d, spec, call.bias.dtype, stage_bias, own, dbias_out[1],
-                             fused=fused)
-        results = _launch(target, name, template, t.threads, [*common, sched, bits],
+                             fused=fused, dlse=has_dlse)
+        results = _launch(target, name, template, t.threads, [*ins, *variants, sched, bits],
                           [*grads(count), dbias_out, *extra], (count, heads, B), zero_outputs=zero)
         return own, results
 
     dq_mode = 0
-    if not fused:
-        dq_mode, (dq, slope_part, dbias_dq) = launch_grad(
-            "attention_bwd_dq", blocks.dq, False, DQ_MODES,
-            lambda count: [((B, H, Nq, d), q.dtype), ((B, H, count), mx.float32)], [], H, zero_dq)
+    if fused:
+        # delta = rowsum(dout ∘ out) − dlse (no dlse: zero), by the preprocess kernel
+        template = [("T", q.dtype), ("D", d), ("NW", 4), ("ROWS", PREPROCESS_ROWS), ("DLSE", int(has_dlse))]
+        (delta,) = _launch(target, "attention_bwd_preprocess", template, 128, [out, dout, dlse, call.params],
+                           [((B, H, Nq), mx.float32)], (-(-Nq // PREPROCESS_ROWS), H, B))
+    else:
+        # dq, and delta for the dk/dv kernel
+        dq_mode, (dq, delta, slope_part, dbias_dq) = launch_grad(
+            "attention_bwd_dq", blocks.dq, False, DQ_MODES, [q, k, v, dout, lse, out, dlse],
+            lambda count: [((B, H, Nq, d), q.dtype), ((B, H, Nq), mx.float32), ((B, H, count), mx.float32)], [], H,
+            zero_dq)
     # FUSED_DQ: dq accumulates in float32 (zero-filled with the kernel's other outputs)
     dq_accum = ((B, H, Nq, d), mx.float32) if fused else ((8,), mx.float32)
     _, (dk, dv, dbias_dkdv, dq_sum) = launch_grad(
-        "attention_bwd_dkdv", blocks.dkdv, True, DKDV_MODES,
+        "attention_bwd_dkdv", blocks.dkdv, True, DKDV_MODES, [q, k, v, dout, lse, delta],
         lambda count: [((B, Hkv, Nk, d), k.dtype), ((B, Hkv, Nk, d), v.dtype)], [dq_accum], Hkv,
         zero_dkdv or fused)
     if fused:

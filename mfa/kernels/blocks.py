@@ -44,28 +44,29 @@ class Tiles:
 
 
 def shared_bytes(kernel: str, t: Tiles, d: int, itemsize: int, bias_itemsize: int = 0,
-                 dbias_itemsize: int = 0, fused_dq: bool = False) -> int:
+                 dbias_itemsize: int = 0, fused_dq: bool = False, wg: bool = False) -> int:
     """Threadgroup memory of a kernel (the SMEM template value; the bodies static_assert it).
 
     ``bias_itemsize``: the bias's element size when its tiles are staged (BIAS_TILE), else 0;
     ``dbias_itemsize``: the dq kernel also gathers dS tiles (in dbias's type) for contiguous dbias
-    writes, else 0; ``fused_dq``: the dk/dv kernel also computes dq (through a dS tile).
+    writes, else 0; ``fused_dq``: the dk/dv kernel also computes dq (through a dS tile); ``wg``:
+    the kernel's B tiles are wgmma's (WG, see `wgmma`): dk/dv stages start 1024-byte aligned.
     """
     if kernel == "attention_bwd_preprocess":
         return 0
+    tile = row_stride(d) * itemsize  # bytes of one row of a Q, K, V or dO tile
+    bias_tile = t.block_q * (t.block_k * bias_itemsize + 16) if bias_itemsize else 0  # rows padded by 16 bytes
+    dq_tile = t.block_q * (t.block_k + 8) * itemsize if fused_dq else 0
+    if kernel == "attention_bwd_dkdv":  # K, V + stages x (Q, dO, lse and delta rows, the bias tile)
+        stage = 2 * t.block_q * tile + 8 * t.block_q + bias_tile
+        stage = -(-stage // 1024) * 1024 if wg else stage
+        return 2 * t.block_k * tile + t.stages * stage + dq_tile
     rows = {
         "attention_fwd": t.block_q + 2 * t.stages * t.block_k,  # Q + stages x (K, V)
         "attention_bwd_dq": 2 * t.block_q + 2 * t.stages * t.block_k,  # Q, dO + stages x (K, V)
-        "attention_bwd_dkdv": 2 * t.block_k + 2 * t.stages * t.block_q,  # K, V + stages x (Q, dO)
     }[kernel]
-    extra = 8 * t.stages * t.block_q if kernel == "attention_bwd_dkdv" else 0  # lse, delta rows (float32)
-    if bias_itemsize:  # stages x (block_q x block_k) bias tiles, rows padded by 16 bytes
-        extra += t.stages * t.block_q * (t.block_k * bias_itemsize + 16)
-    if dbias_itemsize:
-        extra += t.block_q * (t.block_k * dbias_itemsize + 16)
-    if fused_dq:
-        extra += t.block_q * (t.block_k + 8) * itemsize
-    return rows * row_stride(d) * itemsize + extra
+    dbias_tile = t.block_q * (t.block_k * dbias_itemsize + 16) if dbias_itemsize else 0
+    return rows * tile + t.stages * bias_tile + dbias_tile + dq_tile
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,17 +78,21 @@ class BlockSizes:
     dkdv: Optional[Tiles]
 
     @staticmethod
-    def default(head_dim: int, dtype: mx.Dtype, arch: str) -> "BlockSizes":
+    def default(head_dim: int, dtype: mx.Dtype, arch: str, allow_wgmma: bool = True) -> "BlockSizes":
         """Default tiles for a compiled head dim and a fragment family (``"metal"`` or ``"cuda"``).
 
         Metal: 8-row simdgroup fragments, 32 KB of threadgroup memory, so tiles shrink with D
-        and dtype.  CUDA: 16-row mma fragments, one warp per 16 rows, up to 227 KB shared.
+        and dtype.  CUDA: 16-row mma fragments, up to 227 KB shared; one warpgroup of 16-row
+        warps, whose B tiles go to wgmma (`wgmma`), wherever the head dim and dtype allow it.
         """
         if arch == "cuda":
-            # measured on an H100 (benchmarks/cuda_check.py --tune): 4 warps of 32 query rows
-            # beat 8 warps of 16 in the forward; 16-row warps elsewhere (register budget)
+            # measured on an H100 (benchmarks/cuda_check.py --tune, then with wgmma): with
+            # mma.sync alone, 4 warps of 32 query rows beat 8 warps of 16 in the forward; with
+            # wgmma, 64 x 64 tiles of 4 warps win in every kernel (window forward 129 -> 93 µs)
+            wg_forward = allow_wgmma and wgmma(arch, "attention_fwd", Tiles(64, 64, 4), head_dim, dtype)
+            wide_forward = head_dim <= 128 and not wg_forward
             options = {
-                "attention_fwd": [Tiles(128, 64, 4, 2)] if head_dim <= 128 else [Tiles(64, 64, 4, 2)],
+                "attention_fwd": [Tiles(128, 64, 4, 2)] if wide_forward else [Tiles(64, 64, 4, 2)],
                 "attention_bwd_dq": [Tiles(64, 64, 4, 2)],
                 "attention_bwd_dkdv": [Tiles(64, 64, 4, 2)],
             }
@@ -102,7 +107,22 @@ class BlockSizes:
         limit = SHARED_LIMIT[arch]
 
         def pick(kernel):
-            fits = (t for t in options[kernel] if shared_bytes(kernel, t, head_dim, dtype.size) <= limit)
+            fits = (t for t in options[kernel]
+                    if shared_bytes(kernel, t, head_dim, dtype.size, wg=arch == "cuda") <= limit)
             return next(fits, None)
 
         return BlockSizes(pick("attention_fwd"), pick("attention_bwd_dq"), pick("attention_bwd_dkdv"))
+
+
+def wgmma(arch: str, kernel: str, t: Tiles, d: int, dtype: mx.Dtype) -> bool:
+    """Whether a kernel can read its B tiles with wgmma (the WG template value, frag_wgmma.h).
+
+    CUDA family only (sm_90a, and the emulator running it), bf16/f16, head dims in 64s, warps in
+    warpgroups of 4 that own 16 rows each (the rows of the tile the kernel walks: query rows, or
+    key rows in dk/dv) and score tiles whose other side is a multiple of 64.
+    """
+    if arch != "cuda" or kernel == "attention_bwd_preprocess":
+        return False
+    rows, cols = (t.block_k, t.block_q) if kernel == "attention_bwd_dkdv" else (t.block_q, t.block_k)
+    return (dtype in (mx.bfloat16, mx.float16) and d % 64 == 0 and t.warps % 4 == 0
+            and rows == 16 * t.warps and cols % 64 == 0)

@@ -15,8 +15,8 @@ _VARIANTS = ["bias", "sched", "bits"]
 IO = {
     "attention_fwd": (["q", "k", "v", "params", "fparams", "sinks", "slopes", *_VARIANTS], ["out", "lse"]),
     "attention_bwd_preprocess": (["out", "dout", "dlse", "params"], ["delta"]),
-    "attention_bwd_dq": (["q", "k", "v", "dout", "lse", "delta", "params", "fparams", "slopes", *_VARIANTS],
-                         ["dq_out", "dslopes_part", "dbias"]),
+    "attention_bwd_dq": (["q", "k", "v", "dout", "lse", "out", "dlse", "params", "fparams", "slopes", *_VARIANTS],
+                         ["dq_out", "delta", "dslopes_part", "dbias"]),
     "attention_bwd_dkdv": (["q", "k", "v", "dout", "lse", "delta", "params", "fparams", "slopes", *_VARIANTS],
                            ["dk_out", "dv_out", "dbias", "dq_accum"]),
 }
@@ -54,7 +54,7 @@ def kernel(target: str, name: str, arch: str, shared: int = 0):
     object (and its own NVRTC module, through the SMEM template value).
     """
     inputs, outputs = IO[name]
-    source = sources.body(name)
+    source = sources.gpu_body(name)
     if target == "metal":
         return mx.fast.metal_kernel(name=name, input_names=inputs, output_names=outputs, source=source,
                                     header=sources.header("metal"))

@@ -64,12 +64,13 @@ def record_cuda_launches(fn: Callable, *args) -> List[Tuple[str, list, list, lis
     """Run ``fn(*args)`` (launchers with target ``"cuda"``) without a GPU; return its kernel
     instantiations as ``(name, template, input dtypes, output dtypes)``."""
     calls: list = []
-    real = build.kernel
+    real_kernel, real_available = build.kernel, build.is_available
     build.kernel = lambda target, name, arch, shared=0: _Recorder(name, calls)
+    build.is_available = lambda target: target == "cuda" or real_available(target)
     try:
         fn(*args)
     finally:
-        build.kernel = real
+        build.kernel, build.is_available = real_kernel, real_available
     return calls
 
 
@@ -88,7 +89,7 @@ def cuda_kernel_source(name: str, template: Sequence[Tuple[str, object]], in_dty
     return "\n".join([
         f"__global__ void {function_name or 'custom_kernel_' + name}({', '.join(params)}) {{",
         *consts,
-        sources.body(name),
+        sources.gpu_body(name),
         "}",
     ])
 

@@ -6,7 +6,7 @@ the tile API.  A target gets ``header = prelude + fragment family + tile.h + ban
 
     target      prelude            fragment family        compiled by
     metal       prelude_metal.h    frag_simdgroup.h       Metal (mx.fast.metal_kernel)
-    cuda        prelude_cuda.h     frag_mma.h             NVRTC (mx.fast.cuda_kernel)
+    cuda        prelude_cuda.h     frag_mma.h (+ wgmma)   NVRTC (mx.fast.cuda_kernel)
     emulator    prelude_cpu.h      either (its ``arch``)  the system C++ compiler (emulator.py)
 """
 
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 from pathlib import Path
 
 KERNELS = (
@@ -23,6 +24,8 @@ KERNELS = (
     "attention_bwd_dkdv",
 )
 FRAGMENTS = {"metal": "frag_simdgroup.h", "cuda": "frag_mma.h"}
+# Parts of a fragment family that build on tile.h (the CUDA family's wgmma B tiles).
+FRAGMENT_EXTRAS = {"metal": "", "cuda": "frag_wgmma.h"}
 
 
 def kernel_dir() -> Path:
@@ -44,15 +47,38 @@ def body(kernel: str) -> str:
     return read(f"{kernel}.metal")
 
 
+_COMMENT = re.compile(r'//[^"\n]*$')  # a line comment with no string literal after it
+
+
+def compact(text: str) -> str:
+    """`text` without line comments, indentation and blank lines, for the GPU compilers.
+
+    MLX rebuilds and hashes a custom kernel's whole source on every call (``cuda_kernel``
+    concatenates header and body per call and hashes them per launch), so the source's length is
+    host time on every launch; the comments are half of it.  The emulator compiles the sources
+    as written.
+    """
+    lines = (_COMMENT.sub("", line).strip() for line in text.splitlines())
+    return "\n".join(line for line in lines if line) + "\n"
+
+
+@functools.cache
+def gpu_body(kernel: str) -> str:
+    """The body of a kernel as the GPU targets get it (`compact`)."""
+    return compact(body(kernel))
+
+
 def tile_layer(arch: str) -> str:
     """The tile layer for a fragment family: ``"metal"`` (simdgroup 8x8) or ``"cuda"`` (mma m16n8k16)."""
-    return read(FRAGMENTS[arch]) + read("tile.h") + read("band.h") + read("variants.h")
+    extra = read(FRAGMENT_EXTRAS[arch]) if FRAGMENT_EXTRAS[arch] else ""
+    return read(FRAGMENTS[arch]) + read("tile.h") + extra + read("band.h") + read("variants.h")
 
 
+@functools.cache
 def header(target: str) -> str:
-    """The ``header`` passed with every body to a GPU target's kernel builder."""
+    """The ``header`` passed with every body to a GPU target's kernel builder (`compact`)."""
     if target == "metal":
-        return read("prelude_metal.h") + tile_layer("metal")
+        return compact(read("prelude_metal.h") + tile_layer("metal"))
     if target == "cuda":
-        return read("prelude_cuda.h") + tile_layer("cuda")
+        return compact(read("prelude_cuda.h") + tile_layer("cuda"))
     raise ValueError(f"{target=} has no GPU header (the emulator builds its own, see emulator.py)")

@@ -16,7 +16,8 @@
 //   template: T, D, BQ, BK, NW, STAGES (work items in flight), SMEM, SOFTCAP, ALIBI, BIAS, VARLEN,
 //             SPARSE, DROPOUT, BIAS_TILE, TB (as in attention_fwd.metal; the bias tile of a work
 //             item is staged with its Q and dO), DBIAS (0: none or done by the dq kernel; 3; 4),
-//             TDB (dbias type), FUSED_DQ (1: also dq, by atomic adds; no ALIBI, DBIAS 1 or 2)
+//             TDB (dbias type), FUSED_DQ (1: also dq, by atomic adds; no ALIBI, DBIAS 1 or 2),
+//             WG (1: Q and dO are core-matrix B tiles for wgmma, frag_wgmma.h; needs BK/NW = 16)
 //   grid (tiles·32·NW, HKV, B), tiles = ceil(NK/BK) or for varlen (NK + S·(BK − 1)) / BK;
 //   threadgroup (32·NW, 1, 1)
 using namespace mfa;
@@ -24,8 +25,10 @@ constexpr int NT = 32 * NW;
 constexpr int WM = BK / NW;  // key rows per warp
 constexpr int LD = D + 8;
 constexpr int LDB = BK + 16 / int(sizeof(TB));  // padded row stride of a staged bias tile (query rows x keys)
-// bytes of one stage: Q, dO, lse, delta (and the bias tile)
-constexpr int QSTAGE = 2 * BQ * LD * int(sizeof(T)) + 2 * BQ * 4 + BIAS_TILE * BQ * LDB * int(sizeof(TB));
+// bytes of one stage: Q, dO, lse, delta (and the bias tile); WG: stages start 1024-byte aligned,
+// as the swizzled B tiles need
+constexpr int QSTAGE_USED = 2 * BQ * LD * int(sizeof(T)) + 2 * BQ * 4 + BIAS_TILE * BQ * LDB * int(sizeof(TB));
+constexpr int QSTAGE = WG ? (QSTAGE_USED + 1023) / 1024 * 1024 : QSTAGE_USED;
 constexpr int QW = BQ / NW;    // FUSED_DQ: query rows per warp of the dq product
 constexpr int LDS = BK + 8;    // FUSED_DQ: padded row stride of the dS tile (query rows x keys)
 static_assert(WM % kFragRows == 0, "BK/NW must be a multiple of the fragment height");
@@ -98,8 +101,8 @@ for (int w = 1 - STAGES; w < nwork; ++w) {
     MFA_TG unsigned char* stage = sStages + (wn % STAGES) * QSTAGE;
     MFA_TG T* dQ = reinterpret_cast<MFA_TG T*>(stage);
     MFA_TG float* dL = reinterpret_cast<MFA_TG float*>(dQ + 2 * BQ * LD);
-    copy_tile_async<BQ, D, NT>(dQ, LD, q + rows * D, D, sg.nq - q0, tid);
-    copy_tile_async<BQ, D, NT>(dQ + BQ * LD, LD, dout + rows * D, D, sg.nq - q0, tid);
+    copy_b_tile_async<WG, BQ, D, NT>(dQ, LD, q + rows * D, D, sg.nq - q0, tid);
+    copy_b_tile_async<WG, BQ, D, NT>(dQ + BQ * LD, LD, dout + rows * D, D, sg.nq - q0, tid);
     if (BIAS_TILE) {
       const long bias_at = long(b) * params[kBiasStrideB] + long(hk * group + gn) * params[kBiasStrideH] +
                            long(q0) * bias_sq + k0;
@@ -117,6 +120,7 @@ for (int w = 1 - STAGES; w < nwork; ++w) {
   mfa_async_commit();
   if (w < 0) continue;
   mfa_async_wait<STAGES - 1>();
+  publish_b_tiles<WG>();
   mfa_barrier();
   const int g = SPARSE ? list.get(w, 0) : w / nq;
   const int q0 = (SPARSE ? list.get(w, 1) : qt_begin + w % nq) * BQ;
@@ -135,9 +139,9 @@ for (int w = 1 - STAGES; w < nwork; ++w) {
   // dPᵀ = v·doutᵀ and the scores k·qᵀ (transposed: this warp's rows are keys)
   Acc<WM, BQ> pt, dst;
   dst.zero();
-  mma_abt<D>(dst, sVw, LD, sdO, LD, lc);
+  mma_abt_b<WG, D>(dst, sVw, LD, sdO, LD, lc);
   pt.zero();
-  mma_abt<D>(pt, sKw, LD, sQ, LD, lc);
+  mma_abt_b<WG, D>(pt, sKw, LD, sQ, LD, lc);
 
   // Pᵀ = exp2(s − lse) (zero where masked), dSᵀ = Pᵀ ∘ (dPᵀ ∘ Z − delta), dS_rawᵀ = dSᵀ ∘ d(softcap)
   const bool inside = band.inside(q0, q0 + BQ, k0, k0 + BK);
@@ -165,8 +169,8 @@ for (int w = 1 - STAGES; w < nwork; ++w) {
   }
 
   // dv += (Pᵀ ∘ Z)·dout, dk += dS_rawᵀ·q
-  mma_ab<BQ>(dv, pt, sdO, LD, lc);
-  mma_ab<BQ>(dk, dst, sQ, LD, lc);
+  mma_ab_b<WG, BQ, 0>(dv, pt, sdO, LD, lc);
+  mma_ab_b<WG, BQ, 0>(dk, dst, sQ, LD, lc);
 
   // FUSED_DQ: dq += scale · dS_raw·k over this key tile: dS_raw goes through shared memory as
   // (query row, key), then each warp multiplies its query rows by the K tile and adds them

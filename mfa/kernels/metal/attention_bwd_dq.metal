@@ -1,20 +1,25 @@
 // attention_bwd_dq: dq = scale · dS_raw·k (FlashAttention-2 backward, the query-side half), with
 //   P = exp(s − lse),  dP = (dout·vᵀ) ∘ Z,  dS = P ∘ (dP − delta),  dS_raw = dS ∘ d(softcap)
 // (Z: the dropout factors, s as in attention_fwd.metal).  dS is also dL/dbias and gives
-// dL/dslope = Σ dS·(−|j − i'|).
+// dL/dslope = Σ dS·(−|j − i'|).  delta = rowsum(dout ∘ out) − dlse, the per-row term, is
+// computed here first (the dlse cotangent of lse enters as dS += P ∘ dlse) and written out for
+// the dk/dv kernel.
 //
 // Kernel body only (see attention_fwd.metal).  One threadgroup per (query tile, head, batch);
 // it recomputes P from lse over the key tiles of its band or list, so nothing of size NQ x NK
 // is stored.
-//   inputs:   q, dout (B, H, NQ, D), k, v (B, HKV, NK, D) in T, lse, delta (B, H, NQ) float32,
+//   inputs:   q, dout (B, H, NQ, D), k, v (B, HKV, NK, D) in T, lse (B, H, NQ) float32, out
+//             (B, H, NQ, D) in T or float32, dlse (B, H, NQ) float32 (read with DLSE = 1),
 //             params, fparams, slopes, bias, sched, bits as in attention_fwd.metal
-//   outputs:  dq (B, H, NQ, D) in T; dslopes_part (B, H, tiles) float32 with ALIBI: this
-//             tile's share of dL/dslope; dbias (the bias's shape) in TDB with DBIAS 1 (per
-//             element) or 2 (bias broadcast over keys: per row, summed over the tile's keys)
+//   outputs:  dq (B, H, NQ, D) in T; delta (B, H, NQ) float32; dslopes_part (B, H, tiles)
+//             float32 with ALIBI: this tile's share of dL/dslope; dbias (the bias's shape) in TDB
+//             with DBIAS 1 (per element) or 2 (bias broadcast over keys: per row, summed over the
+//             tile's keys)
 //   template: T, D, BQ, BK, NW, STAGES, SMEM, SOFTCAP, ALIBI, BIAS, VARLEN, SPARSE, DROPOUT,
 //             BIAS_TILE, TB as in attention_fwd.metal, DBIAS (0: none or done by the dk/dv kernel;
-//             1; 2), TDB (dbias type).  DBIAS 1 with BIAS_TILE gathers each tile's dS in shared
-//             memory and adds it to dbias row by row (contiguous stores).
+//             1; 2), TDB (dbias type), DLSE (1: dlse is given).  DBIAS 1 with BIAS_TILE gathers
+//             each tile's dS in shared memory and adds it to dbias row by row (contiguous stores).
+//             WG (1: K and V are core-matrix B tiles for wgmma, frag_wgmma.h; needs BQ/NW = 16).
 //   grid (tiles·32·NW, H, B) as in attention_fwd.metal, threadgroup (32·NW, 1, 1)
 using namespace mfa;
 constexpr int NT = 32 * NW;
@@ -84,7 +89,23 @@ mfa_async_commit();
 const int row0 = q0 + warp * WM;
 RowVec<WM> lse_rows, delta_rows;
 load_rows(lse_rows, lse + row_base + warp * WM, sg.nq - row0, 0.0f, lc);
-load_rows(delta_rows, delta + row_base + warp * WM, sg.nq - row0, 0.0f, lc);
+// delta = rowsum(dout ∘ out) − dlse: the 4 lanes that share a row each sum a quarter of it
+MFA_UNROLL
+for (int s = 0; s < RowVec<WM>::SIZE; ++s) {
+  const int r = RowVec<WM>::row(lc, s);
+  const long at = row_base + warp * WM + r;
+  const bool valid = row0 + r < sg.nq;
+  float acc = 0.0f;
+  if (valid) {
+    MFA_UNROLL
+    for (int e = (lc.c / 2) * (D / 4); e < (lc.c / 2 + 1) * (D / 4); ++e)
+      acc += float(out[at * D + e]) * float(dout[at * D + e]);
+  }
+  acc += mfa_shfl_xor(acc, kRowXor0);
+  acc += mfa_shfl_xor(acc, kRowXor1);
+  delta_rows.v[s] = acc - (DLSE && valid ? dlse[at] : 0.0f);
+}
+store_rows(delta_rows, delta + row_base + warp * WM, sg.nq - row0, lc);
 MFA_UNROLL
 for (int r = 0; r < RowVec<WM>::SIZE; ++r) {
   // to log2 units; rows with nothing to attend (lse = -inf) get +inf, so P = 0 there
@@ -105,8 +126,8 @@ for (int t = 1 - STAGES; t < ntiles; ++t) {
   if (tn < ntiles) {
     const int kn = (SPARSE ? list.get(tn, 0) : t_first + tn) * BK;
     MFA_TG T* dst = sKV + (tn % STAGES) * 2 * BK * LD;
-    copy_tile_async<BK, D, NT>(dst, LD, Kg + long(kn) * D, D, sg.nk - kn, tid);
-    copy_tile_async<BK, D, NT>(dst + BK * LD, LD, Vg + long(kn) * D, D, sg.nk - kn, tid);
+    copy_b_tile_async<WG, BK, D, NT>(dst, LD, Kg + long(kn) * D, D, sg.nk - kn, tid);
+    copy_b_tile_async<WG, BK, D, NT>(dst + BK * LD, LD, Vg + long(kn) * D, D, sg.nk - kn, tid);
     if (BIAS_TILE)
       copy_tile_async<BQ, BK, NT>(sB + (tn % STAGES) * BQ * LDB, LDB, bias + bias_head + long(q0) * bias_sq + kn,
                                   bias_sq, sg.nq - q0, tid, sg.nk - kn);
@@ -114,6 +135,7 @@ for (int t = 1 - STAGES; t < ntiles; ++t) {
   mfa_async_commit();
   if (t < 0) continue;
   mfa_async_wait<STAGES - 1>();
+  publish_b_tiles<WG>();
   mfa_barrier();
   MFA_TG const T* sK = sKV + (t % STAGES) * 2 * BK * LD;
   MFA_TG const T* sV = sK + BK * LD;
@@ -124,9 +146,9 @@ for (int t = 1 - STAGES; t < ntiles; ++t) {
   // dP = dout·vᵀ and the scores q·kᵀ
   Acc<WM, BK> ds, s;
   ds.zero();
-  mma_abt<D>(ds, sdOw, LD, sV, LD, lc);
+  mma_abt_b<WG, D>(ds, sdOw, LD, sV, LD, lc);
   s.zero();
-  mma_abt<D>(s, sQw, LD, sK, LD, lc);
+  mma_abt_b<WG, D>(s, sQw, LD, sK, LD, lc);
 
   // P = exp2(s − lse) (zero where masked), dS = P ∘ (dP ∘ Z − delta), dS_raw = dS ∘ d(softcap)
   const bool inside = band.inside(q0, q1, k0, k0 + BK);
@@ -153,7 +175,7 @@ for (int t = 1 - STAGES; t < ntiles; ++t) {
   }
 
   // dq += dS_raw·k
-  mma_ab<BK>(dq, ds, sK, LD, lc);
+  mma_ab_b<WG, BK, 0>(dq, ds, sK, LD, lc);
   if (STAGE_DBIAS) {
     mfa_barrier();  // the whole dS tile is in sG
     dbias_add_tile<BQ, BK, NT>(dbias, bias_head + long(q0) * bias_sq + k0, bias_sq, sG, LDG, sg.nq - q0, sg.nk - k0,

@@ -15,7 +15,8 @@
 //             variant switches SOFTCAP, ALIBI, BIAS, VARLEN, SPARSE, DROPOUT (0/1), BIAS_TILE (1:
 //             the bias has every query row and key, and its tiles come through shared memory
 //             with the key/value tiles), TB (the bias's type) and EXACT (1: out written in
-//             float32 from an unrounded P, see mfa/kernels/attention.py)
+//             float32 from an unrounded P, see mfa/kernels/attention.py), WG (1: K and V are
+//             core-matrix B tiles for wgmma, frag_wgmma.h; needs BQ/NW = 16)
 // Sinks enter the softmax denominator as one more logit per head: the running max and sum
 // start at (sink, 1) instead of (-inf, 0).
 //   grid (tiles·32·NW, H, B), threadgroup (32·NW, 1, 1); tiles = ceil(NQ/BQ), or for varlen the
@@ -91,8 +92,8 @@ for (int t = 1 - STAGES; t < ntiles; ++t) {
   if (tn < ntiles) {
     const int kn = (SPARSE ? list.get(tn, 0) : t_first + tn) * BK;
     MFA_TG T* dst = sKV + (tn % STAGES) * 2 * BK * LD;
-    copy_tile_async<BK, D, NT>(dst, LD, Kg + long(kn) * D, D, sg.nk - kn, tid);
-    copy_tile_async<BK, D, NT>(dst + BK * LD, LD, Vg + long(kn) * D, D, sg.nk - kn, tid);
+    copy_b_tile_async<WG, BK, D, NT>(dst, LD, Kg + long(kn) * D, D, sg.nk - kn, tid);
+    copy_b_tile_async<WG, BK, D, NT>(dst + BK * LD, LD, Vg + long(kn) * D, D, sg.nk - kn, tid);
     if (BIAS_TILE)
       copy_tile_async<BQ, BK, NT>(sB + (tn % STAGES) * BQ * LDB, LDB, bias + bias_head + long(q0) * bias_sq + kn,
                                   bias_sq, sg.nq - q0, tid, sg.nk - kn);
@@ -100,6 +101,7 @@ for (int t = 1 - STAGES; t < ntiles; ++t) {
   mfa_async_commit();
   if (t < 0) continue;
   mfa_async_wait<STAGES - 1>();
+  publish_b_tiles<WG>();
   mfa_barrier();
   MFA_TG const T* sK = sKV + (t % STAGES) * 2 * BK * LD;
   MFA_TG const T* sV = sK + BK * LD;
@@ -110,7 +112,7 @@ for (int t = 1 - STAGES; t < ntiles; ++t) {
   // scores s = q·kᵀ in log2 units, -inf where masked (per element only on edge/partial tiles)
   Acc<WM, BK> s;
   s.zero();
-  mma_abt<D>(s, sQw, LD, sK, LD, lc);
+  mma_abt_b<WG, D>(s, sQw, LD, sK, LD, lc);
   const bool inside = band.inside(q0, q1, k0, k0 + BK);
   MFA_UNROLL
   for (int i = 0; i < Acc<WM, BK>::SIZE; ++i) {
@@ -158,7 +160,7 @@ for (int t = 1 - STAGES; t < ntiles; ++t) {
 
   // o += p·v (EXACT: p kept to float32 accuracy, so that the backward's delta = rowsum(dO·O)
   // agrees with its recomputed P)
-  mma_ab<BK, EXACT>(o, s, sV, LD, lc);
+  mma_ab_b<WG, BK, EXACT>(o, s, sV, LD, lc);
   mfa_barrier();  // this stage's buffers may now be refilled
 }
 mfa_async_wait<0>();

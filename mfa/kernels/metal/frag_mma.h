@@ -135,6 +135,22 @@ MFA_FUNC void mma_shared(MFA_THR Acc<M, N>& c, MFA_TG const T* a, int lda, MFA_T
 
 // c (M x N) += p (M x K accumulator of this warp, rounded to T) * b, b (K x N) row-major.
 // SPLIT = 1 keeps p to about float32 accuracy: p = hi + lo with hi, lo in T, two products.
+// The A fragment (4 registers) of k-step kk, fragment row fi, of an M x K accumulator rounded to
+// T: accumulator fragments (fi, 2kk) and (fi, 2kk+1) are its k halves.  RESIDUAL = 1 packs the
+// rounding residuals instead (the low part of a float32 accumulator split in two T parts).
+template <typename T, int RESIDUAL, int M, int K>
+MFA_FUNC void pack_a(MFA_THR unsigned* fa, MFA_THR const Acc<M, K>& p, int fi, int kk) {
+  const float* lo = p.v + (fi * (K / 8) + 2 * kk) * 4;
+  const float* hi = lo + 4;
+  float x[8] = {lo[0], lo[1], lo[2], lo[3], hi[0], hi[1], hi[2], hi[3]};
+  if (RESIDUAL) {
+    MFA_UNROLL
+    for (int e = 0; e < 8; ++e) x[e] -= mfa_round<T>(x[e]);
+  }
+  MFA_UNROLL
+  for (int r = 0; r < 4; ++r) fa[r] = mfa_pack2<T>(x[2 * r], x[2 * r + 1]);
+}
+
 template <int K, int SPLIT = 0, int M, int N, typename T>
 MFA_FUNC void mma_ab(MFA_THR Acc<M, N>& c, MFA_THR const Acc<M, K>& p, MFA_TG const T* b, int ldb,
                      LaneCoord lc) {
@@ -145,19 +161,8 @@ MFA_FUNC void mma_ab(MFA_THR Acc<M, N>& c, MFA_THR const Acc<M, K>& p, MFA_TG co
     AFrags<M> fa, fr;
     MFA_UNROLL
     for (int fi = 0; fi < M / 16; ++fi) {
-      // accumulator fragments (fi, 2kk) and (fi, 2kk+1) are the A fragment's k halves
-      const float* lo = p.v + (fi * (K / 8) + 2 * kk) * 4;
-      const float* hi = lo + 4;
-      fa.f[fi][0] = mfa_pack2<T>(lo[0], lo[1]);
-      fa.f[fi][1] = mfa_pack2<T>(lo[2], lo[3]);
-      fa.f[fi][2] = mfa_pack2<T>(hi[0], hi[1]);
-      fa.f[fi][3] = mfa_pack2<T>(hi[2], hi[3]);
-      if (SPLIT) {  // the rounding residuals
-        fr.f[fi][0] = mfa_pack2<T>(lo[0] - mfa_round<T>(lo[0]), lo[1] - mfa_round<T>(lo[1]));
-        fr.f[fi][1] = mfa_pack2<T>(lo[2] - mfa_round<T>(lo[2]), lo[3] - mfa_round<T>(lo[3]));
-        fr.f[fi][2] = mfa_pack2<T>(hi[0] - mfa_round<T>(hi[0]), hi[1] - mfa_round<T>(hi[1]));
-        fr.f[fi][3] = mfa_pack2<T>(hi[2] - mfa_round<T>(hi[2]), hi[3] - mfa_round<T>(hi[3]));
-      }
+      pack_a<T, 0>(fa.f[fi], p, fi, kk);
+      if (SPLIT) pack_a<T, 1>(fr.f[fi], p, fi, kk);
     }
     MFA_UNROLL
     for (int fj = 0; fj < N / 8; fj += 2) {

@@ -11,7 +11,7 @@
 #define MFA_FUNC __device__ __forceinline__
 #define MFA_UNROLL _Pragma("unroll")
 #define MFA_NO_UNROLL _Pragma("unroll 1")
-#define MFA_SHARED(name, bytes) extern __shared__ __align__(16) unsigned char name[]
+#define MFA_SHARED(name, bytes) extern __shared__ __align__(1024) unsigned char name[]
 #define MFA_INF __int_as_float(0x7f800000)
 #define threadgroup_position_in_grid blockIdx
 #define thread_index_in_threadgroup threadIdx.x
@@ -106,3 +106,61 @@ MFA_FUNC void mfa_ldmatrix_x4_trans(unsigned* r, const void* row) {
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(mfa_smem_addr(row)));
 }
+
+// wgmma (sm_90a), issued by the 4 warps of a warpgroup together: this warp's 16 x 64 slice of the
+// warpgroup's 64 x 64 float32 accumulator (the mma.sync m16n8 layout, 8 fragments side by side)
+// += A (this warp's 16 x 16 rows, the mma.sync A fragment in registers) · B (16 x 64, shared
+// memory, described by `desc`).  TRANS = 0: B is stored k-major (its columns contiguous, e.g. a K tile for
+// q·kᵀ); TRANS = 1: n-major (its rows contiguous, e.g. a V tile for p·v).  Asynchronous: the
+// registers of d and a stay untouched until mfa_wgmma_wait.
+template <typename T, int TRANS>
+MFA_FUNC void mfa_wgmma_n64_desc(float* d, const unsigned* a, unsigned long long desc);
+#define MFA_WGMMA_N64(TYPE, PTX, TRANS)                                                                                \
+  template <>                                                                                                          \
+  MFA_FUNC void mfa_wgmma_n64_desc<TYPE, TRANS>(float* d, const unsigned* a, unsigned long long desc) {                     \
+    asm volatile(                                                                                                      \
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"                                                                   \
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32." PTX "." PTX " "                                                  \
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "                                      \
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, {%32, %33, %34, %35}, %36, p, 1, 1, " #TRANS ";\n}\n" \
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),              \
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),        \
+          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),      \
+          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])       \
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1));                                              \
+  }
+MFA_WGMMA_N64(__nv_bfloat16, "bf16", 0)
+MFA_WGMMA_N64(__nv_bfloat16, "bf16", 1)
+MFA_WGMMA_N64(__half, "f16", 0)
+MFA_WGMMA_N64(__half, "f16", 1)
+#undef MFA_WGMMA_N64
+
+// Shared-memory matrix descriptor, 128-byte swizzle: start address, lbo, sbo in 16-byte units.
+MFA_FUNC unsigned long long mfa_wgmma_desc(const void* b, int lbo, int sbo) {
+  return (unsigned long long)((mfa_smem_addr(b) >> 4) & 0x3fff) |
+         ((unsigned long long)((lbo >> 4) & 0x3fff) << 16) | ((unsigned long long)((sbo >> 4) & 0x3fff) << 32) |
+         (1ull << 62);
+}
+// The wgmma above with B at `b` in the 128-byte swizzle layout (see frag_wgmma.h): 128-byte rows
+// whose 16-byte chunks are permuted by XOR with the row's index within its 1024-byte-aligned
+// block of 8 rows; `sbo` bytes between blocks of 8 rows; `lbo` bytes between the 64-element
+// halves of an n-major operand (unused for k-major ones).
+template <typename T, int TRANS>
+MFA_FUNC void mfa_wgmma_n64(float* d, const unsigned* a, const void* b, int lbo, int sbo) {
+  mfa_wgmma_n64_desc<T, TRANS>(d, a, mfa_wgmma_desc(b, lbo, sbo));
+}
+// Orders this thread's earlier register writes before the next wgmma reads them.
+MFA_FUNC void mfa_wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+// Waits for this warpgroup's wgmmas; keeps the compiler from touching d (n floats) or a (na
+// registers) before that.
+template <int N, int NA>
+MFA_FUNC void mfa_wgmma_wait(float* d, unsigned* a) {
+  asm volatile("wgmma.commit_group.sync.aligned;\nwgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+  MFA_UNROLL
+  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(d[i])::"memory");
+  MFA_UNROLL
+  for (int i = 0; i < NA; ++i) asm volatile("" : "+r"(a[i])::"memory");
+}
+// Makes this thread's completed writes to shared memory (cp.async included) visible to wgmma
+// reads (the async proxy); before the barrier that publishes them.
+MFA_FUNC void mfa_proxy_fence() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }

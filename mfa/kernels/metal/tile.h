@@ -17,6 +17,14 @@ MFA_FUNC void mma_ab_shared(MFA_THR Acc<M, N>& c, MFA_TG const T* a, int lda, MF
   mma_shared<K, 0>(c, a, lda, b, ldb, lc);
 }
 
+// The copy and the products of a B tile: a tile that the kernels only ever use as the B operand
+// of products (K and V in the forward and dq kernels; Q and dO in the dk/dv kernel), kept in the
+// layout those products read.  BTile<0>: row-major with padded rows, read by the fragment
+// family's loads.  BTile<1> (frag_wgmma.h, CUDA only): core matrices read by wgmma, for tiles
+// whose warps own 16 consecutive rows each, 4 warps to a warpgroup.
+template <int WG>
+struct BTile;
+
 // The 16-byte chunks of a ROWS x COLS tile of T shared out over NT threads: thread tid takes
 // chunks tid, tid + NT, ... (consecutive threads on consecutive chunks of a row).
 template <int ROWS, int COLS, int NT, typename T>
@@ -114,6 +122,49 @@ MFA_FUNC void load_rows(MFA_THR RowVec<M>& v, MFA_DEV const float* src, int rows
     const int r = RowVec<M>::row(lc, s);
     v.v[s] = r < rows_valid ? src[r] : fill;
   }
+}
+
+// B tiles in the row-major padded layout of the fragment family's loads (row stride ld).
+template <>
+struct BTile<0> {
+  // Copy a ROWS x COLS tile into the layout, as copy_tile_async.
+  template <int ROWS, int COLS, int NT, typename T>
+  MFA_FUNC static void copy_async(MFA_TG T* dst, int ldd, MFA_DEV const T* src, int lds, int rows_valid, int tid) {
+    copy_tile_async<ROWS, COLS, NT>(dst, ldd, src, lds, rows_valid, tid);
+  }
+  // After the wait for a tile's copies and before the barrier that publishes it.
+  MFA_FUNC static void publish() {}
+  // c (M x N) += a (M x K, row-major in threadgroup memory) · bᵀ, b the N x K B tile.
+  template <int K, int M, int N, typename T>
+  MFA_FUNC static void mma_abt(MFA_THR Acc<M, N>& c, MFA_TG const T* a, int lda, MFA_TG const T* b, int ldb,
+                               LaneCoord lc) {
+    mfa::mma_abt<K>(c, a, lda, b, ldb, lc);
+  }
+  // c (M x N) += p (M x K accumulator, see mma_ab) · b, b the K x N B tile.
+  template <int K, int SPLIT, int M, int N, typename T>
+  MFA_FUNC static void mma_ab(MFA_THR Acc<M, N>& c, MFA_THR const Acc<M, K>& p, MFA_TG const T* b, int ldb,
+                              LaneCoord lc) {
+    mfa::mma_ab<K, SPLIT>(c, p, b, ldb, lc);
+  }
+};
+
+// The kernels' entry points to BTile<WG> (free functions, so that calls need no `template`
+// disambiguator where WG is a template parameter, as in Metal).
+template <int WG, int ROWS, int COLS, int NT, typename T>
+MFA_FUNC void copy_b_tile_async(MFA_TG T* dst, int ldd, MFA_DEV const T* src, int lds, int rows_valid, int tid) {
+  BTile<WG>::template copy_async<ROWS, COLS, NT>(dst, ldd, src, lds, rows_valid, tid);
+}
+template <int WG>
+MFA_FUNC void publish_b_tiles() {
+  BTile<WG>::publish();
+}
+template <int WG, int K, int M, int N, typename T>
+MFA_FUNC void mma_abt_b(MFA_THR Acc<M, N>& c, MFA_TG const T* a, int lda, MFA_TG const T* b, int ldb, LaneCoord lc) {
+  BTile<WG>::template mma_abt<K>(c, a, lda, b, ldb, lc);
+}
+template <int WG, int K, int SPLIT, int M, int N, typename T>
+MFA_FUNC void mma_ab_b(MFA_THR Acc<M, N>& c, MFA_THR const Acc<M, K>& p, MFA_TG const T* b, int ldb, LaneCoord lc) {
+  BTile<WG>::template mma_ab<K, SPLIT>(c, p, b, ldb, lc);
 }
 
 }  // namespace mfa

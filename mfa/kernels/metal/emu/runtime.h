@@ -264,17 +264,18 @@ inline int lane_id() { return g_fiber->lane; }
 
 // ---- threadgroup memory ---------------------------------------------------------------------
 
-// The group's shared memory, filled with 0xFF bytes (NaN) so reads of unwritten words show up.
+// The group's shared memory, filled with 0xFF bytes (NaN) so reads of unwritten words show up;
+// 1024-byte aligned, as the CUDA prelude declares it (wgmma's swizzle works on address bits).
 inline unsigned char* shared_memory(size_t bytes) {
   Group& g = *g_group;
   if (!g.smem_ready) {
-    g.smem.assign(bytes + 16, 0xFF);
+    g.smem.assign(bytes + 1024, 0xFF);
     g.smem_ready = true;
-  } else if (bytes + 16 > g.smem.size()) {
+  } else if (bytes + 1024 > g.smem.size()) {
     fail_and_park("threads of one group asked for different shared memory sizes");
   }
   uintptr_t p = reinterpret_cast<uintptr_t>(g.smem.data());
-  return reinterpret_cast<unsigned char*>((p + 15) & ~uintptr_t(15));
+  return reinterpret_cast<unsigned char*>((p + 1023) & ~uintptr_t(1023));
 }
 
 // ---- async copies (cp.async semantics: data lands only at the matching wait) ----------------

@@ -1,0 +1,97 @@
+// Tile layer, wgmma part of the CUDA fragment family (sm_90a): B tiles in the 128-byte swizzle
+// layout, read by the tensor cores straight from shared memory (no ldmatrix, no B registers).
+//
+// A ROWS x COLS tile (ROWS in 8s, COLS in 64s, 2-byte T) is stored as COLS/64 column blocks, each
+// ROWS rows of 128 bytes; the 16-byte chunk c of row r within its block lies at chunk
+// c ^ (r % 8) of the row (tiles start 1024-byte aligned, so this is the swizzle wgmma applies to
+// its address bits 4..6 from bits 7..9):
+//   byte (c / 8) · ROWS · 128 + r · 128 + ((c % 8) ^ (r % 8)) · 16.
+// Each 8 consecutive threads of a copy fill one row: no bank conflicts there, nor in wgmma's
+// reads.  The same tile is the k-major B of a·bᵀ (rows = n, columns = k) and the n-major B of p·b
+// (rows = k, columns = n).  A warpgroup (4 consecutive warps) issues each wgmma; each warp owns 16
+// consecutive rows (Acc<16, N>, the mma.sync layout that wgmma's accumulator shares), so its A
+// operand is its own mma.sync A fragments and its accumulator slice is its own.
+namespace mfa {
+
+template <>
+struct BTile<1> {
+  // Copy a ROWS x COLS tile into the layout with all NT threads, 16 bytes per copy, consecutive
+  // threads on consecutive chunks of a row; rows >= rows_valid are zero-filled and not read.
+  template <int ROWS, int COLS, int NT, typename T>
+  MFA_FUNC static void copy_async(MFA_TG T* dst, int, MFA_DEV const T* src, int lds, int rows_valid, int tid) {
+    static_assert(ROWS % 8 == 0 && COLS % 64 == 0 && sizeof(T) == 2, "swizzled tiles: rows in 8s, 64-column blocks");
+    MFA_TG unsigned char* bytes = reinterpret_cast<MFA_TG unsigned char*>(dst);
+    MFA_UNROLL
+    for (int step = 0; step < Chunks<ROWS, COLS, NT, T>::STEPS; ++step) {
+      int r, e;
+      if (!Chunks<ROWS, COLS, NT, T>::at(step, tid, r, e)) continue;
+      const bool valid = r < rows_valid;
+      const int c = e / 8;
+      mfa_copy16(bytes + (c / 8) * ROWS * 128 + r * 128 + ((c % 8) ^ (r % 8)) * 16, src + (valid ? r * lds + e : 0),
+                 valid);
+    }
+  }
+
+  // cp.async writes reach wgmma's reads (the async proxy) only through a proxy fence.
+  MFA_FUNC static void publish() { mfa_proxy_fence(); }
+
+  // c (16 x N) += a (16 x K rows of this warp, row-major in shared memory) · bᵀ, b an N x K tile
+  // (k-major B: k-step kk starts 32·kk bytes into the rows of column block kk / 4).  Issued in
+  // groups of up to 4 k-steps, whose A fragments stay live until the group's wait.
+  template <int K, int M, int N, typename T>
+  MFA_FUNC static void mma_abt(MFA_THR Acc<M, N>& c, MFA_TG const T* a, int lda, MFA_TG const T* b, int,
+                               LaneCoord lc) {
+    static_assert(M == 16 && N % 64 == 0 && K % 64 == 0, "wgmma products: 16 rows per warp, N and K in 64s");
+    enum : int { KG = 4 };  // k-steps per group: one 64-column block of b
+    MFA_TG const unsigned char* base = reinterpret_cast<MFA_TG const unsigned char*>(b);
+    MFA_UNROLL
+    for (int g = 0; g < K / 16; g += KG) {
+      unsigned fa[KG][4];
+      MFA_UNROLL
+      for (int kk = 0; kk < KG; ++kk) {
+        AFrags<16> f;
+        load_a_shared(f, a, lda, g + kk, lc.lane);
+        MFA_UNROLL
+        for (int r = 0; r < 4; ++r) fa[kk][r] = f.f[0][r];
+      }
+      mfa_wgmma_fence();
+      MFA_UNROLL
+      for (int kk = 0; kk < KG; ++kk) {
+        MFA_UNROLL
+        for (int n = 0; n < N / 64; ++n)
+          mfa_wgmma_n64<T, 0>(c.v + 32 * n, fa[kk], base + (g / 4) * N * 128 + 32 * kk + 64 * 128 * n, 16, 1024);
+      }
+      mfa_wgmma_wait<Acc<M, N>::SIZE, 4 * KG>(c.v, &fa[0][0]);
+    }
+  }
+
+  // c (16 x N) += p (16 x K accumulator of this warp, rounded to T; SPLIT = 1 adds its rounding
+  // residual in a second product) · b, b a K x N tile (n-major B: k-step kk starts at row 16·kk,
+  // column block n at K·128 bytes per block).
+  template <int K, int SPLIT, int M, int N, typename T>
+  MFA_FUNC static void mma_ab(MFA_THR Acc<M, N>& c, MFA_THR const Acc<M, K>& p, MFA_TG const T* b, int,
+                              LaneCoord) {
+    static_assert(M == 16 && N % 64 == 0 && K % 16 == 0, "wgmma products: 16 rows per warp, N in 64s");
+    enum : int { PARTS = SPLIT ? 2 : 1 };
+    unsigned fa[PARTS][K / 16][4];
+    MFA_UNROLL
+    for (int kk = 0; kk < K / 16; ++kk) {
+      pack_a<T, 0>(fa[0][kk], p, 0, kk);
+      if (SPLIT) pack_a<T, 1>(fa[PARTS - 1][kk], p, 0, kk);
+    }
+    mfa_wgmma_fence();
+    MFA_TG const unsigned char* base = reinterpret_cast<MFA_TG const unsigned char*>(b);
+    MFA_UNROLL
+    for (int part = 0; part < PARTS; ++part) {
+      MFA_UNROLL
+      for (int kk = 0; kk < K / 16; ++kk) {
+        MFA_UNROLL
+        for (int n = 0; n < N / 64; ++n)
+          mfa_wgmma_n64<T, 1>(c.v + 32 * n, fa[part][kk], base + 16 * 128 * kk + K * 128 * n, K * 128, 1024);
+      }
+    }
+    mfa_wgmma_wait<Acc<M, N>::SIZE, 4 * PARTS * (K / 16)>(c.v, &fa[0][0][0]);
+  }
+};
+
+}  // namespace mfa
