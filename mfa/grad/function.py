@@ -52,7 +52,8 @@ def implementation(backend: str, routed: bool = False) -> Implementation:
 
 
 @functools.lru_cache(maxsize=512)
-def attention_function(spec: AttentionSpec, backend: str, backward_backend: str = "") -> Callable:
+def attention_function(spec: AttentionSpec, backend: str, backward_backend: str = "",
+                       lse_used: bool = True) -> Callable:
     """The custom function ``(*inputs.arrays()) -> (out, lse)`` for ``spec`` on ``backend``.
 
     For calls the router has checked (`mfa.ops.routing.choose`).
@@ -61,6 +62,9 @@ def attention_function(spec: AttentionSpec, backend: str, backward_backend: str 
         spec: static options of the call.
         backend: forward (and, by default, backward) implementation.
         backward_backend: a different backend for the backward, or "" for the same.
+        lse_used: whether lse reaches the caller.  When it does not, its cotangent (the zeros MLX
+            passes for an unused output) is ignored, so the backward neither reads it nor makes
+            MLX fill it.
     """
     fwd = implementation(backend, routed=True)
     bwd = implementation(backward_backend or backend, routed=True)
@@ -71,7 +75,7 @@ def attention_function(spec: AttentionSpec, backend: str, backward_backend: str 
 
     @attention.vjp
     def attention_vjp(primals, cotangents, outputs):
-        dout, dlse = cotangents
+        dout, dlse = cotangents[0], cotangents[1] if lse_used else None
         out, lse = outputs
         inputs = AttentionInputs.from_arrays(spec, primals)
         return bwd.backward(spec, inputs, out, lse, dout, dlse).arrays()

@@ -156,13 +156,14 @@ def _log(route: Route) -> None:
         print(f"mfa: backend={route.backend}{extra}: {route.reason}", file=sys.stderr)
 
 
-def _run(route: Route, spec: AttentionSpec, inputs: AttentionInputs) -> Tuple[mx.array, Optional[mx.array]]:
+def _run(route: Route, spec: AttentionSpec, inputs: AttentionInputs,
+         return_lse: bool) -> Tuple[mx.array, Optional[mx.array]]:
     arrays = inputs.arrays()
     if route.backend == "sdpa":
         return function.sdpa_function(spec)(*arrays), None
     if route.backend == "sdpa+":
         return function.sdpa_forward_function(spec, route.backward)(*arrays), None
-    out, lse = function.attention_function(spec, route.backend)(*arrays)
+    out, lse = function.attention_function(spec, route.backend, lse_used=return_lse)(*arrays)
     return out.astype(inputs.q.dtype), lse
 
 
@@ -187,4 +188,4 @@ def attend(
     if route.backend == "reference":
         out, lse = reference()
         return out.astype(inputs.q.dtype), lse
-    return _run(route, spec, inputs)
+    return _run(route, spec, inputs, return_lse)

@@ -139,9 +139,8 @@ for (int w = 1 - STAGES; w < nwork; ++w) {
   // dPᵀ = v·doutᵀ and the scores k·qᵀ (transposed: this warp's rows are keys)
   Acc<WM, BQ> pt, dst;
   dst.zero();
-  mma_abt_b<WG, D>(dst, sVw, LD, sdO, LD, lc);
   pt.zero();
-  mma_abt_b<WG, D>(pt, sKw, LD, sQ, LD, lc);
+  mma_abt_b2<WG, D>(dst, sVw, sdO, pt, sKw, sQ, LD, lc);
 
   // Pᵀ = exp2(s − lse) (zero where masked), dSᵀ = Pᵀ ∘ (dPᵀ ∘ Z − delta), dS_rawᵀ = dSᵀ ∘ d(softcap)
   const bool inside = band.inside(q0, q0 + BQ, k0, k0 + BK);
@@ -169,8 +168,7 @@ for (int w = 1 - STAGES; w < nwork; ++w) {
   }
 
   // dv += (Pᵀ ∘ Z)·dout, dk += dS_rawᵀ·q
-  mma_ab_b<WG, BQ, 0>(dv, pt, sdO, LD, lc);
-  mma_ab_b<WG, BQ, 0>(dk, dst, sQ, LD, lc);
+  mma_ab_b2<WG, BQ>(dv, pt, sdO, dk, dst, sQ, LD, lc);
 
   // FUSED_DQ: dq += scale · dS_raw·k over this key tile: dS_raw goes through shared memory as
   // (query row, key), then each warp multiplies its query rows by the K tile and adds them

@@ -89,7 +89,8 @@ mfa_async_commit();
 const int row0 = q0 + warp * WM;
 RowVec<WM> lse_rows, delta_rows;
 load_rows(lse_rows, lse + row_base + warp * WM, sg.nq - row0, 0.0f, lc);
-// delta = rowsum(dout ∘ out) − dlse: the 4 lanes that share a row each sum a quarter of it
+// delta = rowsum(dout ∘ out) − dlse: the 4 lanes that share a row take its 8-element chunks in
+// turn (4 consecutive chunks per step, a coalesced 64-byte run of dout)
 MFA_UNROLL
 for (int s = 0; s < RowVec<WM>::SIZE; ++s) {
   const int r = RowVec<WM>::row(lc, s);
@@ -98,8 +99,7 @@ for (int s = 0; s < RowVec<WM>::SIZE; ++s) {
   float acc = 0.0f;
   if (valid) {
     MFA_UNROLL
-    for (int e = (lc.c / 2) * (D / 4); e < (lc.c / 2 + 1) * (D / 4); ++e)
-      acc += float(out[at * D + e]) * float(dout[at * D + e]);
+    for (int c = lc.c / 2; c < D / 8; c += 4) acc += mfa_dot8(out + at * D + 8 * c, dout + at * D + 8 * c);
   }
   acc += mfa_shfl_xor(acc, kRowXor0);
   acc += mfa_shfl_xor(acc, kRowXor1);
@@ -146,9 +146,8 @@ for (int t = 1 - STAGES; t < ntiles; ++t) {
   // dP = dout·vᵀ and the scores q·kᵀ
   Acc<WM, BK> ds, s;
   ds.zero();
-  mma_abt_b<WG, D>(ds, sdOw, LD, sV, LD, lc);
   s.zero();
-  mma_abt_b<WG, D>(s, sQw, LD, sK, LD, lc);
+  mma_abt_b2<WG, D>(ds, sdOw, sV, s, sQw, sK, LD, lc);
 
   // P = exp2(s − lse) (zero where masked), dS = P ∘ (dP ∘ Z − delta), dS_raw = dS ∘ d(softcap)
   const bool inside = band.inside(q0, q1, k0, k0 + BK);

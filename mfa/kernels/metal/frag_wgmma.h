@@ -35,62 +35,126 @@ struct BTile<1> {
   // cp.async writes reach wgmma's reads (the async proxy) only through a proxy fence.
   MFA_FUNC static void publish() { mfa_proxy_fence(); }
 
-  // c (16 x N) += a (16 x K rows of this warp, row-major in shared memory) · bᵀ, b an N x K tile
-  // (k-major B: k-step kk starts 32·kk bytes into the rows of column block kk / 4).  Issued in
-  // groups of up to 4 k-steps, whose A fragments stay live until the group's wait.
+  // A fragments of k-steps g .. g+KG-1 of this warp's 16 rows of a (row-major in shared memory).
+  template <int KG, typename T>
+  MFA_FUNC static void load_a(MFA_THR unsigned (&fa)[KG][4], MFA_TG const T* a, int lda, int g, LaneCoord lc) {
+    MFA_UNROLL
+    for (int kk = 0; kk < KG; ++kk) {
+      AFrags<16> f;
+      load_a_shared(f, a, lda, g + kk, lc.lane);
+      MFA_UNROLL
+      for (int r = 0; r < 4; ++r) fa[kk][r] = f.f[0][r];
+    }
+  }
+
+  // Issue c (16 x N) += fa · bᵀ over k-steps g .. g+KG-1 (g a multiple of 4) of an N x K tile b:
+  // k-major B, k-step g + kk starts 32·kk bytes into the rows of column block g / 4.
+  template <int KG, int N, typename T>
+  MFA_FUNC static void issue_abt(MFA_THR float* c, MFA_THR unsigned (&fa)[KG][4], MFA_TG const T* b, int g) {
+    MFA_TG const unsigned char* base = reinterpret_cast<MFA_TG const unsigned char*>(b) + (g / 4) * N * 128;
+    MFA_UNROLL
+    for (int kk = 0; kk < KG; ++kk) {
+      MFA_UNROLL
+      for (int n = 0; n < N / 64; ++n) mfa_wgmma_n64<T, 0>(c + 32 * n, fa[kk], base + 32 * kk + 64 * 128 * n, 16, 1024);
+    }
+  }
+
+  // Issue c (16 x N) += fa · b over the K/16 k-steps of a K x N tile b: n-major B, k-step kk
+  // starts at row 16·kk, column block n at K·128 bytes per block.
+  template <int K, int N, typename T>
+  MFA_FUNC static void issue_ab(MFA_THR float* c, MFA_THR unsigned (&fa)[K / 16][4], MFA_TG const T* b) {
+    MFA_TG const unsigned char* base = reinterpret_cast<MFA_TG const unsigned char*>(b);
+    MFA_UNROLL
+    for (int kk = 0; kk < K / 16; ++kk) {
+      MFA_UNROLL
+      for (int n = 0; n < N / 64; ++n)
+        mfa_wgmma_n64<T, 1>(c + 32 * n, fa[kk], base + 16 * 128 * kk + K * 128 * n, K * 128, 1024);
+    }
+  }
+
+  // c (16 x N) += a (16 x K rows of this warp, row-major in shared memory) · bᵀ, b an N x K tile,
+  // in groups of up to 4 k-steps (one 64-column block of b), whose A fragments stay live until
+  // the group's wait.
   template <int K, int M, int N, typename T>
   MFA_FUNC static void mma_abt(MFA_THR Acc<M, N>& c, MFA_TG const T* a, int lda, MFA_TG const T* b, int,
                                LaneCoord lc) {
     static_assert(M == 16 && N % 64 == 0 && K % 64 == 0, "wgmma products: 16 rows per warp, N and K in 64s");
-    enum : int { KG = 4 };  // k-steps per group: one 64-column block of b
-    MFA_TG const unsigned char* base = reinterpret_cast<MFA_TG const unsigned char*>(b);
     MFA_UNROLL
-    for (int g = 0; g < K / 16; g += KG) {
-      unsigned fa[KG][4];
-      MFA_UNROLL
-      for (int kk = 0; kk < KG; ++kk) {
-        AFrags<16> f;
-        load_a_shared(f, a, lda, g + kk, lc.lane);
-        MFA_UNROLL
-        for (int r = 0; r < 4; ++r) fa[kk][r] = f.f[0][r];
-      }
+    for (int g = 0; g < K / 16; g += 4) {
+      unsigned fa[4][4];
+      load_a<4>(fa, a, lda, g, lc);
       mfa_wgmma_fence();
-      MFA_UNROLL
-      for (int kk = 0; kk < KG; ++kk) {
-        MFA_UNROLL
-        for (int n = 0; n < N / 64; ++n)
-          mfa_wgmma_n64<T, 0>(c.v + 32 * n, fa[kk], base + (g / 4) * N * 128 + 32 * kk + 64 * 128 * n, 16, 1024);
-      }
-      mfa_wgmma_wait<Acc<M, N>::SIZE, 4 * KG>(c.v, &fa[0][0]);
+      issue_abt<4, N, T>(c.v, fa, b, g);
+      mfa_wgmma_commit_wait();
+      mfa_fence_regs<Acc<M, N>::SIZE>(c.v);
+      mfa_fence_regs<16>(&fa[0][0]);
     }
   }
 
+  // c1 += a1 · b1ᵀ and c2 += a2 · b2ᵀ, independent products in flight together (K = 64: one
+  // group of k-steps each; larger K runs them one after the other).
+  template <int K, int M, int N, typename T>
+  MFA_FUNC static void mma_abt2(MFA_THR Acc<M, N>& c1, MFA_TG const T* a1, MFA_TG const T* b1, MFA_THR Acc<M, N>& c2,
+                                MFA_TG const T* a2, MFA_TG const T* b2, int lda, LaneCoord lc) {
+    if (K != 64) {
+      mma_abt<K>(c1, a1, lda, b1, 0, lc);
+      mma_abt<K>(c2, a2, lda, b2, 0, lc);
+      return;
+    }
+    unsigned fa1[4][4], fa2[4][4];
+    load_a<4>(fa1, a1, lda, 0, lc);
+    load_a<4>(fa2, a2, lda, 0, lc);
+    mfa_wgmma_fence();
+    issue_abt<4, N, T>(c1.v, fa1, b1, 0);
+    issue_abt<4, N, T>(c2.v, fa2, b2, 0);
+    mfa_wgmma_commit_wait();
+    mfa_fence_regs<Acc<M, N>::SIZE>(c1.v);
+    mfa_fence_regs<Acc<M, N>::SIZE>(c2.v);
+    mfa_fence_regs<16>(&fa1[0][0]);
+    mfa_fence_regs<16>(&fa2[0][0]);
+  }
+
   // c (16 x N) += p (16 x K accumulator of this warp, rounded to T; SPLIT = 1 adds its rounding
-  // residual in a second product) · b, b a K x N tile (n-major B: k-step kk starts at row 16·kk,
-  // column block n at K·128 bytes per block).
+  // residual in a second product) · b, b a K x N tile.
   template <int K, int SPLIT, int M, int N, typename T>
   MFA_FUNC static void mma_ab(MFA_THR Acc<M, N>& c, MFA_THR const Acc<M, K>& p, MFA_TG const T* b, int,
                               LaneCoord) {
     static_assert(M == 16 && N % 64 == 0 && K % 16 == 0, "wgmma products: 16 rows per warp, N in 64s");
-    enum : int { PARTS = SPLIT ? 2 : 1 };
-    unsigned fa[PARTS][K / 16][4];
+    unsigned fa[K / 16][4], fr[K / 16][4];
     MFA_UNROLL
     for (int kk = 0; kk < K / 16; ++kk) {
-      pack_a<T, 0>(fa[0][kk], p, 0, kk);
-      if (SPLIT) pack_a<T, 1>(fa[PARTS - 1][kk], p, 0, kk);
+      pack_a<T, 0>(fa[kk], p, 0, kk);
+      if (SPLIT) pack_a<T, 1>(fr[kk], p, 0, kk);
     }
     mfa_wgmma_fence();
-    MFA_TG const unsigned char* base = reinterpret_cast<MFA_TG const unsigned char*>(b);
+    issue_ab<K, N, T>(c.v, fa, b);
+    if (SPLIT) issue_ab<K, N, T>(c.v, fr, b);
+    mfa_wgmma_commit_wait();
+    mfa_fence_regs<Acc<M, N>::SIZE>(c.v);
+    mfa_fence_regs<4 * (K / 16)>(&fa[0][0]);
+    if (SPLIT) mfa_fence_regs<4 * (K / 16)>(&fr[0][0]);
+  }
+
+  // c1 += p1 · b1 and c2 += p2 · b2 (as mma_ab, SPLIT = 0), independent products in flight together.
+  template <int K, int M, int N, typename T>
+  MFA_FUNC static void mma_ab2(MFA_THR Acc<M, N>& c1, MFA_THR const Acc<M, K>& p1, MFA_TG const T* b1,
+                               MFA_THR Acc<M, N>& c2, MFA_THR const Acc<M, K>& p2, MFA_TG const T* b2, int,
+                               LaneCoord) {
+    static_assert(M == 16 && N % 64 == 0 && K % 16 == 0, "wgmma products: 16 rows per warp, N in 64s");
+    unsigned fa1[K / 16][4], fa2[K / 16][4];
     MFA_UNROLL
-    for (int part = 0; part < PARTS; ++part) {
-      MFA_UNROLL
-      for (int kk = 0; kk < K / 16; ++kk) {
-        MFA_UNROLL
-        for (int n = 0; n < N / 64; ++n)
-          mfa_wgmma_n64<T, 1>(c.v + 32 * n, fa[part][kk], base + 16 * 128 * kk + K * 128 * n, K * 128, 1024);
-      }
+    for (int kk = 0; kk < K / 16; ++kk) {
+      pack_a<T, 0>(fa1[kk], p1, 0, kk);
+      pack_a<T, 0>(fa2[kk], p2, 0, kk);
     }
-    mfa_wgmma_wait<Acc<M, N>::SIZE, 4 * PARTS * (K / 16)>(c.v, &fa[0][0][0]);
+    mfa_wgmma_fence();
+    issue_ab<K, N, T>(c1.v, fa1, b1);
+    issue_ab<K, N, T>(c2.v, fa2, b2);
+    mfa_wgmma_commit_wait();
+    mfa_fence_regs<Acc<M, N>::SIZE>(c1.v);
+    mfa_fence_regs<Acc<M, N>::SIZE>(c2.v);
+    mfa_fence_regs<4 * (K / 16)>(&fa1[0][0]);
+    mfa_fence_regs<4 * (K / 16)>(&fa2[0][0]);
   }
 };
 

@@ -59,3 +59,11 @@ MFA_FUNC void mfa_store16(MFA_DEV void* dst, MFA_TG const void* src) { std::memc
 MFA_FUNC void mfa_async_commit() { emu::async_commit(); }
 template <int Keep>
 MFA_FUNC void mfa_async_wait() { emu::async_wait(Keep); }
+
+// Σ a[e]·b[e] over 8 consecutive elements of device memory (each run 16-byte aligned).
+template <typename TA, typename TB>
+MFA_FUNC float mfa_dot8(const TA* a, const TB* b) {
+  float s = 0.0f;
+  for (int e = 0; e < 8; ++e) s += float(a[e]) * float(b[e]);
+  return s;
+}

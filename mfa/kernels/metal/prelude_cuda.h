@@ -49,6 +49,22 @@ MFA_FUNC void mfa_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(Keep));
 }
 
+// Σ a[e]·b[e] over 8 consecutive elements of device memory (each run 16-byte aligned), read with
+// 16-byte loads.
+template <typename TA, typename TB>
+MFA_FUNC float mfa_dot8(const TA* a, const TB* b) {
+  TA av[8];
+  TB bv[8];
+  MFA_UNROLL
+  for (int w = 0; w < int(sizeof(av)) / 16; ++w) reinterpret_cast<uint4*>(av)[w] = reinterpret_cast<const uint4*>(a)[w];
+  MFA_UNROLL
+  for (int w = 0; w < int(sizeof(bv)) / 16; ++w) reinterpret_cast<uint4*>(bv)[w] = reinterpret_cast<const uint4*>(b)[w];
+  float s = 0.0f;
+  MFA_UNROLL
+  for (int e = 0; e < 8; ++e) s += float(av[e]) * float(bv[e]);
+  return s;
+}
+
 // Two values as one 32-bit operand register: `lo` in bits 0..15, `hi` in bits 16..31.
 template <typename T>
 MFA_FUNC unsigned mfa_pack2(float lo, float hi);
@@ -151,15 +167,21 @@ MFA_FUNC void mfa_wgmma_n64(float* d, const unsigned* a, const void* b, int lbo,
 }
 // Orders this thread's earlier register writes before the next wgmma reads them.
 MFA_FUNC void mfa_wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
-// Waits for this warpgroup's wgmmas; keeps the compiler from touching d (n floats) or a (na
-// registers) before that.
-template <int N, int NA>
-MFA_FUNC void mfa_wgmma_wait(float* d, unsigned* a) {
+// Commits this thread's wgmmas and waits for all of them.
+MFA_FUNC void mfa_wgmma_commit_wait() {
   asm volatile("wgmma.commit_group.sync.aligned;\nwgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+}
+// Keeps the compiler from touching registers r[0..N) across this point (after mfa_wgmma_commit_wait:
+// the accumulators and A operands of the wgmmas it waited for).
+template <int N>
+MFA_FUNC void mfa_fence_regs(float* r) {
   MFA_UNROLL
-  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(d[i])::"memory");
+  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
+}
+template <int N>
+MFA_FUNC void mfa_fence_regs(unsigned* r) {
   MFA_UNROLL
-  for (int i = 0; i < NA; ++i) asm volatile("" : "+r"(a[i])::"memory");
+  for (int i = 0; i < N; ++i) asm volatile("" : "+r"(r[i])::"memory");
 }
 // Makes this thread's completed writes to shared memory (cp.async included) visible to wgmma
 // reads (the async proxy); before the barrier that publishes them.

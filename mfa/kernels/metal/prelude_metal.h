@@ -39,3 +39,12 @@ MFA_FUNC void mfa_store16(device void* dst, const threadgroup void* src) {
 MFA_FUNC void mfa_async_commit() {}
 template <int Keep>
 MFA_FUNC void mfa_async_wait() {}
+
+// Σ a[e]·b[e] over 8 consecutive elements of device memory (each run 16-byte aligned).
+template <typename TA, typename TB>
+MFA_FUNC float mfa_dot8(const device TA* a, const device TB* b) {
+  float s = 0.0f;
+  MFA_UNROLL
+  for (int e = 0; e < 8; ++e) s += float(a[e]) * float(b[e]);
+  return s;
+}

@@ -146,6 +146,20 @@ struct BTile<0> {
                               LaneCoord lc) {
     mfa::mma_ab<K, SPLIT>(c, p, b, ldb, lc);
   }
+  // Two independent products (BTile<1> has them in flight together); here one after the other.
+  template <int K, int M, int N, typename T>
+  MFA_FUNC static void mma_abt2(MFA_THR Acc<M, N>& c1, MFA_TG const T* a1, MFA_TG const T* b1, MFA_THR Acc<M, N>& c2,
+                                MFA_TG const T* a2, MFA_TG const T* b2, int ld, LaneCoord lc) {
+    mfa::mma_abt<K>(c1, a1, ld, b1, ld, lc);
+    mfa::mma_abt<K>(c2, a2, ld, b2, ld, lc);
+  }
+  template <int K, int M, int N, typename T>
+  MFA_FUNC static void mma_ab2(MFA_THR Acc<M, N>& c1, MFA_THR const Acc<M, K>& p1, MFA_TG const T* b1,
+                               MFA_THR Acc<M, N>& c2, MFA_THR const Acc<M, K>& p2, MFA_TG const T* b2, int ld,
+                               LaneCoord lc) {
+    mfa::mma_ab<K, 0>(c1, p1, b1, ld, lc);
+    mfa::mma_ab<K, 0>(c2, p2, b2, ld, lc);
+  }
 };
 
 // The kernels' entry points to BTile<WG> (free functions, so that calls need no `template`
@@ -165,6 +179,18 @@ MFA_FUNC void mma_abt_b(MFA_THR Acc<M, N>& c, MFA_TG const T* a, int lda, MFA_TG
 template <int WG, int K, int SPLIT, int M, int N, typename T>
 MFA_FUNC void mma_ab_b(MFA_THR Acc<M, N>& c, MFA_THR const Acc<M, K>& p, MFA_TG const T* b, int ldb, LaneCoord lc) {
   BTile<WG>::template mma_ab<K, SPLIT>(c, p, b, ldb, lc);
+}
+// c1 += a1·b1ᵀ and c2 += a2·b2ᵀ: two independent products (a rows of stride ld, B tiles).
+template <int WG, int K, int M, int N, typename T>
+MFA_FUNC void mma_abt_b2(MFA_THR Acc<M, N>& c1, MFA_TG const T* a1, MFA_TG const T* b1, MFA_THR Acc<M, N>& c2,
+                         MFA_TG const T* a2, MFA_TG const T* b2, int ld, LaneCoord lc) {
+  BTile<WG>::template mma_abt2<K>(c1, a1, b1, c2, a2, b2, ld, lc);
+}
+// c1 += p1·b1 and c2 += p2·b2: two independent products of accumulators by B tiles.
+template <int WG, int K, int M, int N, typename T>
+MFA_FUNC void mma_ab_b2(MFA_THR Acc<M, N>& c1, MFA_THR const Acc<M, K>& p1, MFA_TG const T* b1, MFA_THR Acc<M, N>& c2,
+                        MFA_THR const Acc<M, K>& p2, MFA_TG const T* b2, int ld, LaneCoord lc) {
+  BTile<WG>::template mma_ab2<K>(c1, p1, b1, c2, p2, b2, ld, lc);
 }
 
 }  // namespace mfa

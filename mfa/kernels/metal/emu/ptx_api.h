@@ -122,6 +122,7 @@ inline void mfa_wgmma_n64(float* d, const unsigned* a, const void* b, int lbo, i
   }
 }
 inline void mfa_wgmma_fence() {}
-template <int N, int NA>
-inline void mfa_wgmma_wait(float*, unsigned*) {}
+inline void mfa_wgmma_commit_wait() {}
+template <int N, typename R>
+inline void mfa_fence_regs(R*) {}
 inline void mfa_proxy_fence() {}
