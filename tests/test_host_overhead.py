@@ -135,3 +135,22 @@ def test_routed_native_call_checks_and_logs_each_time(monkeypatch, capsys):
     with pytest.raises(NotImplementedError, match="exceed 256"):
         mfa.flash_attention(*_qkv(D=320), backend="cuda")
     assert routing.choose("cuda", _spec(), AttentionInputs(q, k, v), False).backend == "cuda"
+
+
+def test_lse_cotangent_is_read_only_when_lse_is_returned():
+    """Without return_lse the zeros MLX passes as lse's cotangent are ignored (DLSE = 0, nothing to
+    fill); with it, the dq kernel reads dlse."""
+    q, k, v = _qkv()
+
+    def dlse_flag(return_lse):
+        def loss(q):
+            if return_lse:
+                out, lse = mfa.flash_attention(q, k, v, causal=True, return_lse=True, backend="cuda")
+                return out.astype(mx.float32).sum() + lse.sum()
+            return mfa.flash_attention(q, k, v, causal=True, backend="cuda").astype(mx.float32).sum()
+
+        calls = offline.record_cuda_launches(lambda: mx.grad(loss)(q))
+        return [dict(c[1])["DLSE"] for c in calls if c[0] == "attention_bwd_dq"]
+
+    assert dlse_flag(False) == [0]
+    assert dlse_flag(True) == [1]
