@@ -273,6 +273,25 @@ def test_block_sparse_mask_mod(arch, name, block_size):
     check(q, k, v, block_mask=mask)
 
 
+def test_block_sparse_128_blocks_take_128_wide_backward_tiles(monkeypatch):
+    """CUDA family, mask blocks of 128 x 128: the dk/dv kernel walks 128-row query tiles (one mask
+    block per work item), partial blocks included, and matches the oracle; $MFA_BLOCKS keeps its
+    own tiles."""
+    monkeypatch.setenv("MFA_EMULATOR_ARCH", "cuda")
+    monkeypatch.delenv("MFA_BLOCKS", raising=False)
+    N = 300
+    q, k, v = random_qkv(1, 2, 1, N, N, 64, dtype=mx.bfloat16, seed=4)
+    mask = BlockMask.from_mask_mod(lambda b, h, i, j: (j <= i) & ((i // 128 + j // 128 + h) % 3 != 1), 1, 2, N, N)
+    spec = AttentionSpec(scale=0.125, block_mask=mask)
+    blocks = attention.block_sizes("emulator", 64, mx.bfloat16)
+    dq_tiles, dkdv_tiles = attention.backward_tiles("emulator", spec, blocks)
+    assert (dq_tiles.block_q, dq_tiles.block_k, dkdv_tiles.block_q, dkdv_tiles.block_k) == (64, 64, 128, 64)
+    check(q, k, v, block_mask=mask)
+    monkeypatch.setenv("MFA_BLOCKS", "dq=64x64x4x2")
+    assert attention.backward_tiles("emulator", spec, attention.block_sizes("emulator", 64, mx.bfloat16))[1] == \
+        attention.block_sizes("emulator", 64, mx.bfloat16).dkdv
+
+
 def test_block_sparse_from_blocks_with_causal_window_bias_dropout(arch):
     q, k, v = random_qkv(1, 4, 2, 100, 150, 64, dtype=default_dtype(arch), seed=3)
     blocks = np.random.default_rng(0).random((1, 4, 4, 5)) > 0.5
