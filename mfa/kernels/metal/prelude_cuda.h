@@ -128,7 +128,7 @@ MFA_FUNC void mfa_ldmatrix_x4_trans(unsigned* r, const void* row) {
 // += A (this warp's 16 x 16 rows, the mma.sync A fragment in registers) · B (16 x 64, shared
 // memory, described by `desc`).  TRANS = 0: B is stored k-major (its columns contiguous, e.g. a K tile for
 // q·kᵀ); TRANS = 1: n-major (its rows contiguous, e.g. a V tile for p·v).  Asynchronous: the
-// registers of d and a stay untouched until mfa_wgmma_wait.
+// registers of d and a stay untouched until mfa_wgmma_commit_wait.
 template <typename T, int TRANS>
 MFA_FUNC void mfa_wgmma_n64_desc(float* d, const unsigned* a, unsigned long long desc);
 #define MFA_WGMMA_N64(TYPE, PTX, TRANS)                                                                                \
