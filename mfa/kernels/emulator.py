@@ -108,7 +108,7 @@ class EmulatorKernel:
         source: the kernel body.
         header: code placed before the body (after the CPU prelude and the tile layer).
         arch: which fragment family the tile layer uses: ``"metal"`` (simdgroup 8x8 matrices)
-            or ``"cuda"`` (mma.sync m16n8k16 + ldmatrix, bf16/fp16 only).
+            or ``"cuda"`` (mma.sync m16n8k16, ldmatrix and wgmma, bf16/fp16 only).
     """
 
     def __init__(self, name: str, input_names: Sequence[str], output_names: Sequence[str], source: str,

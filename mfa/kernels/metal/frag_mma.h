@@ -133,8 +133,6 @@ MFA_FUNC void mma_shared(MFA_THR Acc<M, N>& c, MFA_TG const T* a, int lda, MFA_T
   }
 }
 
-// c (M x N) += p (M x K accumulator of this warp, rounded to T) * b, b (K x N) row-major.
-// SPLIT = 1 keeps p to about float32 accuracy: p = hi + lo with hi, lo in T, two products.
 // The A fragment (4 registers) of k-step kk, fragment row fi, of an M x K accumulator rounded to
 // T: accumulator fragments (fi, 2kk) and (fi, 2kk+1) are its k halves.  RESIDUAL = 1 packs the
 // rounding residuals instead (the low part of a float32 accumulator split in two T parts).
@@ -151,6 +149,8 @@ MFA_FUNC void pack_a(MFA_THR unsigned* fa, MFA_THR const Acc<M, K>& p, int fi, i
   for (int r = 0; r < 4; ++r) fa[r] = mfa_pack2<T>(x[2 * r], x[2 * r + 1]);
 }
 
+// c (M x N) += p (M x K accumulator of this warp, rounded to T) * b, b (K x N) row-major.
+// SPLIT = 1 keeps p to about float32 accuracy: p = hi + lo with hi, lo in T, two products.
 template <int K, int SPLIT = 0, int M, int N, typename T>
 MFA_FUNC void mma_ab(MFA_THR Acc<M, N>& c, MFA_THR const Acc<M, K>& p, MFA_TG const T* b, int ldb,
                      LaneCoord lc) {

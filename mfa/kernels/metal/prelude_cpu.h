@@ -4,7 +4,7 @@
 // warp matrix instructions are emulated as warp/threadgroup collectives.  The executor runs
 // either fragment family of the tile layer on top:
 //   MFA_EMU_METAL: the Metal one (simdgroup 8x8 matrices, metal/emu/metal_api.h);
-//   MFA_EMU_CUDA:  the CUDA one (mma.sync m16n8k16 + ldmatrix, metal/emu/ptx_api.h).
+//   MFA_EMU_CUDA:  the CUDA one (mma.sync m16n8k16, ldmatrix and wgmma, metal/emu/ptx_api.h).
 // Async copies follow cp.async: the data lands in shared memory at the matching wait, so a
 // missing wait shows up as wrong (NaN-filled) shared memory.
 #pragma once

@@ -20,8 +20,8 @@ MFA_FUNC void mma_ab_shared(MFA_THR Acc<M, N>& c, MFA_TG const T* a, int lda, MF
 // The copy and the products of a B tile: a tile that the kernels only ever use as the B operand
 // of products (K and V in the forward and dq kernels; Q and dO in the dk/dv kernel), kept in the
 // layout those products read.  BTile<0>: row-major with padded rows, read by the fragment
-// family's loads.  BTile<1> (frag_wgmma.h, CUDA only): core matrices read by wgmma, for tiles
-// whose warps own 16 consecutive rows each, 4 warps to a warpgroup.
+// family's loads.  BTile<1> (frag_wgmma.h, CUDA only): 128-byte swizzled rows read by wgmma,
+// for tiles whose warps own 16 consecutive rows each, 4 warps to a warpgroup.
 template <int WG>
 struct BTile;
 
