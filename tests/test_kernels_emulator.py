@@ -2,11 +2,12 @@
 
 Every test runs both fragment families of the tile layer: ``metal`` (simdgroup 8x8 matrices,
 what Apple GPUs run) and ``cuda`` (mma.sync m16n8k16 + ldmatrix + cp.async, and wgmma on swizzled
-B tiles wherever 4-warp groups of 16-row warps allow it: what the H100 runs), through the router's interface `mfa.kernels.forward` / `backward`.  Checked: out, lse, dq, dk,
-dv and the gradients of bias, ALiBi slopes and sinks, with a random cotangent for out *and* lse,
-under the suite's tolerance rule.  Shapes span several kernel tiles of each family (Metal tiles
-are 32 rows or fewer, CUDA's 64 or 128) so that tile skipping, edge masks, the varlen tile
-schedule and the block-sparse lists all take part.
+B tiles wherever 4-warp groups of 16-row warps allow it: what the H100 runs), through the router's
+interface `mfa.kernels.forward` / `backward`.  Checked: out, lse, dq, dk, dv and the gradients of
+bias, ALiBi slopes and sinks, with a random cotangent for out *and* lse, under the suite's
+tolerance rule.  Shapes span several kernel tiles of each family (Metal tiles are 32 rows or
+fewer, CUDA's 64 or 128) so that tile skipping, edge masks, the varlen tile schedule and the
+block-sparse lists all take part.
 """
 
 import mlx.core as mx
