@@ -3,7 +3,8 @@
 The kernel bodies in ``mfa/kernels/metal/`` are written once over a tile API and compiled for
 
 - ``"metal"``: MSL through ``mx.fast.metal_kernel`` (simdgroup 8x8 matrices) — Apple GPUs;
-- ``"cuda"``: CUDA through ``mx.fast.cuda_kernel`` (mma.sync m16n8k16, ldmatrix, cp.async);
+- ``"cuda"``: CUDA through ``mx.fast.cuda_kernel`` (mma.sync m16n8k16, ldmatrix, cp.async; wgmma
+  on Hopper where the tiles allow it);
 - ``"emulator"``: the CPU executor, the same bodies compiled by the system C++ compiler with
   every GPU thread run as a fiber (small shapes only; ``$MFA_EMULATOR_ARCH`` picks the Metal
   or the CUDA fragment family of the tile layer).

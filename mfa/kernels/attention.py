@@ -168,8 +168,12 @@ def block_sizes(target: str, head_dim: int, dtype: mx.Dtype) -> BlockSizes:
     ``$MFA_BLOCKS`` overrides them for tuning, e.g. ``fwd=128x64x8x2,dq=64x64x4x2,dkdv=64x64x4``
     (block_q x block_k x warps [x stages] per kernel).
     """
-    return _block_sizes(build.arch_of(target), head_dim, dtype, os.environ.get("MFA_BLOCKS", ""),
-                        os.environ.get("MFA_WGMMA", "1") != "0")
+    return _block_sizes(build.arch_of(target), head_dim, dtype, os.environ.get("MFA_BLOCKS", ""), _wgmma_allowed())
+
+
+def _wgmma_allowed() -> bool:
+    """Whether wgmma B tiles may be used (`blocks.wgmma`): ``$MFA_WGMMA`` is not ``0``."""
+    return os.environ.get("MFA_WGMMA", "1") != "0"
 
 
 @functools.lru_cache(maxsize=64)
@@ -195,9 +199,8 @@ def _template(target: str, name: str, tiles: Tiles, dtype: mx.Dtype, d: int, spe
     cotangent (DLSE).  WG = 1 (wgmma B tiles) wherever `blocks.wgmma` allows it, unless
     ``$MFA_WGMMA=0``.
     """
-    allow_wgmma = os.environ.get("MFA_WGMMA", "1") != "0"
     return _template_values(target, name, tiles, dtype, d, spec, bias_dtype, stage_bias, dbias, dbias_dtype, exact,
-                            fused, dlse, allow_wgmma)
+                            fused, dlse, _wgmma_allowed())
 
 
 @functools.lru_cache(maxsize=256)
