@@ -123,3 +123,39 @@ def test_shuffle_with_missing_lanes_is_reported():
 def test_threadgroup_size_must_be_whole_warps():
     with pytest.raises(RuntimeError, match="multiple of 32"):
         launch("out[0] = 1.0f;", [mx.ones((1,))], (1,), threads=48)
+
+
+def test_wgmma_product_lands_at_the_wait():
+    """Emulated wgmma is asynchronous as on the GPU: the accumulator holds its old values until
+    the wait, and the product is taken then (so a kernel that reads it early fails here too)."""
+    # one warp: c (16 x 64) = a (16 x 64) · bᵀ, b (64 x 64) a swizzled B tile
+    body = """
+    using namespace mfa;
+    const int tid = int(thread_index_in_threadgroup);
+    const LaneCoord lc = lane_coord(tid);
+    MFA_SHARED(smem, 64 * 64 * 2 + 16 * 72 * 2);
+    MFA_TG T* sb = reinterpret_cast<MFA_TG T*>(smem);
+    MFA_TG T* sa = sb + 64 * 64;
+    copy_b_tile_async<1, 64, 64, 32>(sb, 0, in1, 64, 64, tid);
+    copy_tile_async<16, 64, 32>(sa, 72, in0, 64, 16, tid);
+    mfa_async_commit();
+    mfa_async_wait<0>();
+    publish_b_tiles<1>();
+    mfa_barrier();
+    Acc<16, 64> c;
+    c.zero();
+    unsigned fa[4][4];
+    BTile<1>::load_a<4>(fa, sa, 72, 0, lc);
+    mfa_wgmma_fence();
+    BTile<1>::issue_abt<4, 64, T>(c.v, fa, sb, 0);
+    Acc<16, 64> early = c;
+    mfa_wgmma_commit_wait();
+    store_acc(early, out, 64, 16, lc);
+    store_acc(c, out + 16 * 64, 64, 16, lc);
+    """
+    rng = np.random.default_rng(1)
+    a, b = (rng.integers(-3, 4, size=s).astype(np.float32) for s in ((16, 64), (64, 64)))
+    got = np.array(launch(body, [mx.array(a).astype(mx.bfloat16), mx.array(b).astype(mx.bfloat16)], (2, 16, 64),
+                          threads=32, arch="cuda", template=[("T", mx.bfloat16)]))
+    np.testing.assert_array_equal(got[0], np.zeros((16, 64), np.float32))
+    np.testing.assert_array_equal(got[1], a @ b.T)

@@ -89,28 +89,32 @@ inline void mfa_ldmatrix_x4_trans(unsigned* r, const void* row) {
 }
 
 // wgmma.mma_async m64n64k16 with A in registers, one warp's share: rows 16w .. 16w+15 of the
-// warpgroup's product are this warp's, so the warp computes them alone (synchronously; the fence
-// and wait are no-ops).  d: the mma.sync accumulator layout, 8 fragments of 16 x 8 side by side;
-// a: the mma.sync A fragment; B (16 x 64) at b in the 128-byte swizzle layout: 128-byte rows
-// (8 rows to a block of 1024 bytes, blocks `sbo` apart) whose 16-byte chunk j is stored at chunk
-// j ^ (address bits 7..9).  TRANS = 0 (k-major): row n holds the k of column n, starting at b;
-// TRANS = 1 (n-major): row k holds the n of row k (64 per row, the next 64 `lbo` bytes on).
+// warpgroup's product are this warp's, so the warp computes them alone.  Asynchronous as on the
+// GPU: the A registers are read at the issue, the product (reading B from shared memory and the
+// accumulator then) at the wait, so a kernel that reads d, or refills B's shared memory, before
+// its wait gets wrong results here too.  d: the mma.sync accumulator layout, 8 fragments of
+// 16 x 8 side by side; a: the mma.sync A fragment; B (16 x 64) at b in the 128-byte swizzle
+// layout: 128-byte rows (8 rows to a block of 1024 bytes, blocks `sbo` apart) whose 16-byte chunk
+// j is stored at chunk j ^ (address bits 7..9).  TRANS = 0 (k-major): row n holds the k of
+// column n, starting at b; TRANS = 1 (n-major): row k holds the n of row k (64 per row, the next
+// 64 `lbo` bytes on).
+namespace emu {
 template <typename T, int TRANS>
-inline void mfa_wgmma_n64(float* d, const unsigned* a, const void* b, int lbo, int sbo) {
+inline void wgmma_n64_now(float* d, const unsigned* a, const void* b, int lbo, int sbo) {
   struct Operand {
     unsigned a[4];
   };
   Operand mine;
   std::memcpy(mine.a, a, sizeof(mine.a));
-  emu::Lanes<Operand> lanes = emu::warp_exchange(mine);
+  Lanes<Operand> lanes = warp_exchange(mine);
   uintptr_t start = reinterpret_cast<uintptr_t>(b);
-  int lane = emu::lane_id();
+  int lane = lane_id();
   for (int i = 0; i < 32; ++i) {
     int row = lane / 4 + 8 * (i % 4 / 2), col = 8 * (i / 4) + 2 * (lane % 4) + i % 2;
     float acc = d[i];
     for (int k = 0; k < 16; ++k) {
       Operand oa = lanes[(row % 8) * 4 + (k % 8) / 2];
-      float av = emu::half_of<T>(oa.a[(row / 8) + 2 * (k / 8)], k % 2);
+      float av = half_of<T>(oa.a[(row / 8) + 2 * (k / 8)], k % 2);
       uintptr_t at = TRANS ? start + (k / 8) * sbo + (k % 8) * 128 + (col / 64) * lbo + (col % 64) * 2
                            : start + (col / 8) * sbo + (col % 8) * 128 + k * 2;
       at ^= ((at >> 7) & 7) << 4;
@@ -121,8 +125,23 @@ inline void mfa_wgmma_n64(float* d, const unsigned* a, const void* b, int lbo, i
     d[i] = acc;
   }
 }
+
+// Run this lane's issued wgmmas, in issue order (every lane of the warp waits together).
+inline void wgmma_wait_all() {
+  std::vector<std::function<void()>> pending;
+  pending.swap(g_fiber->wgmma_pending);
+  for (auto& product : pending) product();
+}
+}  // namespace emu
+
+template <typename T, int TRANS>
+inline void mfa_wgmma_n64(float* d, const unsigned* a, const void* b, int lbo, int sbo) {
+  unsigned regs[4];
+  std::memcpy(regs, a, sizeof(regs));
+  emu::g_fiber->wgmma_pending.push_back([=]() { emu::wgmma_n64_now<T, TRANS>(d, regs, b, lbo, sbo); });
+}
 inline void mfa_wgmma_fence() {}
-inline void mfa_wgmma_commit_wait() {}
+inline void mfa_wgmma_commit_wait() { emu::wgmma_wait_all(); }
 template <int N, typename R>
 inline void mfa_fence_regs(R*) {}
 inline void mfa_proxy_fence() {}

@@ -53,6 +53,7 @@ struct Fiber {
   unsigned collective = 0;                // number of warp collectives done (picks the slot)
   std::vector<AsyncCopy> pending;         // cp.async copies not yet completed
   std::vector<size_t> group_ends;         // committed async groups: end offsets into `pending`
+  std::vector<std::function<void()>> wgmma_pending;  // wgmmas issued, not yet waited for
 };
 
 struct Group;
