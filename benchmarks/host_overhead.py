@@ -34,7 +34,7 @@ def recorded_cuda():
     """Stand in recorders for the CUDA kernels (one per kernel object, as `build.kernel` caches)."""
     real_kernel, real_available = build.kernel, build.is_available
     calls: list = []
-    build.kernel = functools.cache(lambda target, name, arch, shared=0: offline._Recorder(name, calls))
+    build.kernel = functools.cache(lambda target, name, arch, *_: offline._Recorder(name, calls))
     build.is_available = lambda target: True
     try:
         yield calls

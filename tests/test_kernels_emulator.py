@@ -16,7 +16,7 @@ import pytest
 from conftest import check_rule, random_qkv
 
 from mfa import BlockMask, kernels
-from mfa.kernels import attention, offline, sparse
+from mfa.kernels import attention, offline, sources, sparse
 from mfa.ops import dropout
 from mfa.ops.reference import attention_reference, attention_reference_varlen
 from mfa.ops.spec import AttentionInputs, AttentionSpec
@@ -276,8 +276,8 @@ def test_block_sparse_mask_mod(arch, name, block_size):
 
 def test_block_sparse_128_blocks_take_128_wide_backward_tiles(monkeypatch):
     """CUDA family, mask blocks of 128 x 128: the dk/dv kernel walks 128-row query tiles (one mask
-    block per work item), partial blocks included, and matches the oracle; $MFA_BLOCKS keeps its
-    own tiles."""
+    block per work item), partial blocks included, and matches the oracle; $MFA_BLOCKS's dkdv
+    tiles replace them."""
     monkeypatch.setenv("MFA_EMULATOR_ARCH", "cuda")
     monkeypatch.delenv("MFA_BLOCKS", raising=False)
     N = 300
@@ -288,9 +288,12 @@ def test_block_sparse_128_blocks_take_128_wide_backward_tiles(monkeypatch):
     dq_tiles, dkdv_tiles = attention.backward_tiles("emulator", spec, blocks)
     assert (dq_tiles.block_q, dq_tiles.block_k, dkdv_tiles.block_q, dkdv_tiles.block_k) == (64, 64, 128, 64)
     check(q, k, v, block_mask=mask)
-    monkeypatch.setenv("MFA_BLOCKS", "dq=64x64x4x2")
+    monkeypatch.setenv("MFA_BLOCKS", "dkdv=64x64x4x2")
     assert attention.backward_tiles("emulator", spec, attention.block_sizes("emulator", 64, mx.bfloat16))[1] == \
-        attention.block_sizes("emulator", 64, mx.bfloat16).dkdv
+        kernels.Tiles(64, 64, 4, 2)
+    monkeypatch.setenv("MFA_BLOCKS", "dq=64x64x4x2")  # the dk/dv rule holds where dkdv is not set
+    assert attention.backward_tiles("emulator", spec, attention.block_sizes("emulator", 64, mx.bfloat16))[1] == \
+        kernels.Tiles(128, 64, 4, 2)
 
 
 def test_block_sparse_from_blocks_with_causal_window_bias_dropout(arch):
@@ -501,3 +504,39 @@ def test_wgmma_needs_warpgroups_of_16_row_warps(monkeypatch):
     assert not kernels.blocks.wgmma("metal", "attention_fwd", t(64, 64, 4, 2), 64, mx.bfloat16)
     monkeypatch.setenv("MFA_EMULATOR_ARCH", "cuda")
     assert attention.block_sizes("emulator", 80, mx.bfloat16).fwd == kernels.Tiles(128, 64, 4, 2)
+
+
+def test_register_caps_follow_head_dim_variant_and_mfa_blocks(monkeypatch):
+    """CUDA family, D = 64 with wgmma: the dq kernel gets ``__launch_bounds__(128, 3)`` and the
+    forward ``(128, 4)`` (MIN_BLOCKS, in the header MLX compiles and in the offline source), except
+    for the variants that spill under them (dq: a bias; forward: dropout, ALiBi, ...); D = 128
+    has none; ``$MFA_BLOCKS`` sets them as a fifth number."""
+    monkeypatch.setenv("MFA_EMULATOR_ARCH", "cuda")
+
+    def caps(D, bias_shape=None, **options):
+        q, k, v = random_qkv(1, 2, 2, 70, 72, D, dtype=mx.bfloat16, seed=3)
+        bias = None if bias_shape is None else mx.zeros(bias_shape, mx.bfloat16)
+        spec = AttentionSpec(scale=0.125, causal=True, has_bias=bias is not None, **options)
+        inputs = AttentionInputs(q, k, v, bias, None, None, None, None)
+
+        def run():
+            out, lse = attention.forward("cuda", spec, inputs)
+            attention.backward("cuda", spec, inputs, out, lse, out, None)
+
+        calls = offline.record_cuda_launches(run)
+        return {c[0]: dict(c[1]).get("MIN_BLOCKS") for c in calls}, calls
+
+    found, calls = caps(64)
+    assert found == {"attention_fwd": 4, "attention_bwd_dq": 3, "attention_bwd_dkdv": None}
+    name, template, ins, outs = next(c for c in calls if c[0] == "attention_bwd_dq")
+    assert "__global__ void __launch_bounds__(128, 3) f(" in offline.cuda_kernel_source(name, template, ins, outs, "f")
+    assert "__launch_bounds__(128, 3)" in sources.launch_bounds((128, 3))
+    assert sources.launch_bounds(None) == ""
+    # a staged bias (rows of whole 16-byte chunks) spills under both caps; a key-padding one only
+    # under dq's
+    assert caps(64, (1, 2, 70, 72))[0] == {"attention_fwd": None, "attention_bwd_dq": None, "attention_bwd_dkdv": None}
+    assert caps(64, (1, 1, 1, 72))[0] == {"attention_fwd": 4, "attention_bwd_dq": None, "attention_bwd_dkdv": None}
+    assert caps(64, dropout_p=0.1, dropout_seed=1)[0]["attention_fwd"] is None
+    assert set(caps(128)[0].values()) == {None}
+    monkeypatch.setenv("MFA_BLOCKS", "dq=64x64x4x2x2")
+    assert caps(64, (1, 2, 70, 72))[0]["attention_bwd_dq"] == 2

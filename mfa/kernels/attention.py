@@ -35,6 +35,12 @@ DBIAS_ELEMENTS, DBIAS_ROWS, DBIAS_KEYS, DBIAS_SCALAR = 1, 2, 3, 4
 DQ_MODES, DKDV_MODES = (DBIAS_ELEMENTS, DBIAS_ROWS), (DBIAS_KEYS, DBIAS_SCALAR)
 
 
+def row_contiguous(x: mx.array) -> mx.array:
+    """`x` row-contiguous: a copy of a strided view (flattening copies it; the reshape back is a
+    view), `x`'s own buffer otherwise.  Like ``mx.contiguous``, which MLX 0.32 cannot export."""
+    return x.reshape(-1).reshape(x.shape)
+
+
 def _verbose() -> bool:
     return os.environ.get("MFA_KERNEL_VERBOSE", "") not in ("", "0")
 
@@ -165,8 +171,8 @@ class Call:
 def block_sizes(target: str, head_dim: int, dtype: mx.Dtype) -> BlockSizes:
     """The tiles `target` uses for a (compiled) head dim and dtype.
 
-    ``$MFA_BLOCKS`` overrides them for tuning, e.g. ``fwd=128x64x8x2,dq=64x64x4x2,dkdv=64x64x4``
-    (block_q x block_k x warps [x stages] per kernel).
+    ``$MFA_BLOCKS`` overrides them for tuning, e.g. ``fwd=128x64x8x2,dq=64x64x4x2x3,dkdv=64x64x4``
+    (block_q x block_k x warps [x stages [x min_blocks]] per kernel, see `Tiles`).
     """
     return _block_sizes(build.arch_of(target), head_dim, dtype, os.environ.get("MFA_BLOCKS", ""), _wgmma_allowed())
 
@@ -197,7 +203,8 @@ def _template(target: str, name: str, tiles: Tiles, dtype: mx.Dtype, d: int, spe
     shared memory; the kernel reads the bias element by element otherwise.  ``fused``: the dk/dv
     kernel also computes dq (FUSED_DQ, see `fused_dq`); ``dlse``: the dq kernel reads an lse
     cotangent (DLSE).  WG = 1 (wgmma B tiles) wherever `blocks.wgmma` allows it, unless
-    ``$MFA_WGMMA=0``.
+    ``$MFA_WGMMA=0``.  CUDA-family tiles with a ``min_blocks`` add MIN_BLOCKS, which `_launch`
+    turns into the kernel's ``__launch_bounds__``.
     """
     return _template_values(target, name, tiles, dtype, d, spec, bias_dtype, stage_bias, dbias, dbias_dtype, exact,
                             fused, dlse, _wgmma_allowed())
@@ -220,6 +227,8 @@ def _template_values(target: str, name: str, tiles: Tiles, dtype: mx.Dtype, d: i
                 ("SOFTCAP", int(bool(spec.softcap))), ("ALIBI", int(spec.has_alibi)), ("BIAS", int(spec.has_bias)),
                 ("VARLEN", int(spec.varlen)), ("SPARSE", int(spec.block_mask is not None)),
                 ("DROPOUT", int(spec.has_dropout)), ("BIAS_TILE", int(stage_bias)), ("TB", bias_dtype)]
+    if arch == "cuda" and tiles.min_blocks:
+        template += [("MIN_BLOCKS", tiles.min_blocks)]  # read by `_launch` for __launch_bounds__
     if name == "attention_fwd":
         template += [("EXACT", int(exact))]
     else:
@@ -235,8 +244,10 @@ def _launch(target: str, name: str, template, threads: int, inputs, outputs, gro
             zero_outputs: bool = False):
     """Run one kernel over ``groups`` threadgroups of ``threads`` threads (outputs zero-filled first
     when ``zero_outputs``)."""
-    smem = next((value for key, value in template if key == "SMEM"), 0) if target == "cuda" else 0
-    k = build.kernel(target, name, build.arch_of(target), smem)
+    values = dict(template)
+    smem = values.get("SMEM", 0) if target == "cuda" else 0
+    min_blocks = values.get("MIN_BLOCKS", 0) if target == "cuda" else 0
+    k = build.kernel(target, name, build.arch_of(target), smem, (threads, min_blocks) if min_blocks else None)
     return k(inputs=[x if x.size >= 8 else _buffer(x) for x in inputs], output_shapes=[s for s, _ in outputs],
              output_dtypes=[t for _, t in outputs],
              grid=(groups[0] * threads, groups[1], groups[2]), threadgroup=(threads, 1, 1), template=list(template),
@@ -341,13 +352,13 @@ def forward(target: str, spec: AttentionSpec, inputs: AttentionInputs) -> Tuple[
     if Nq == 0:
         return mx.zeros((B, H, 0, Dv), q.dtype), mx.zeros((B, H, 0), mx.float32)
     d = padded_head_dim(max(D, Dv))
-    tiles = block_sizes(target, d, q.dtype).fwd
-    q, k, v = (_pad_head(x, d) for x in (q, k, v))
     call = Call.of(spec, inputs)
+    stage_bias = bias_tiles(spec, inputs, call.bias_layout)
+    tiles = forward_tiles(target, spec, block_sizes(target, d, q.dtype), stage_bias)
+    q, k, v = (_pad_head(x, d) for x in (q, k, v))
     sched, bits, count = _schedule(spec, inputs, tiles, transposed=False)
     exact = exact_out(spec, call.bias_layout)
-    template = _template(target, "attention_fwd", tiles, q.dtype, d, spec, call.bias.dtype,
-                         bias_tiles(spec, inputs, call.bias_layout), exact=exact)
+    template = _template(target, "attention_fwd", tiles, q.dtype, d, spec, call.bias.dtype, stage_bias, exact=exact)
     out, lse = _launch(target, "attention_fwd", template,
                        tiles.threads,
                        [q, k, v, call.params, call.fparams, call.sinks, call.slopes, call.bias, sched, bits],
@@ -372,16 +383,52 @@ def _dslopes(spec: AttentionSpec, inputs: AttentionInputs, part: mx.array, tile:
     return (per_bh if per_row else per_bh.sum(axis=0)).reshape(slopes.shape).astype(slopes.dtype)
 
 
+def forward_tiles(target: str, spec: AttentionSpec, blocks: BlockSizes, stage_bias: bool) -> Tiles:
+    """The forward's tiles: `block_sizes`' default, except on the CUDA family (unless
+    ``$MFA_BLOCKS`` sets the forward's tiles) for the variants that measured slower under its
+    register cap (``min_blocks``), which spills their extra registers (H100, N = 4096, D = 64,
+    causal: dropout 772 -> 785 µs, ALiBi + sinks 362 -> 377 µs; block-sparse 10 %, N = 16384:
+    383 -> 435 µs), or were not measured (a staged bias, softcap): those run uncapped.  Plain,
+    causal, window and varlen calls and a key-padding bias keep the cap (window 94 -> 89 µs,
+    varlen 652 -> 640 µs, key-padding bias 365 -> 316 µs)."""
+    return _forward_tiles(build.arch_of(target), spec, blocks, stage_bias, os.environ.get("MFA_BLOCKS", ""))
+
+
+@functools.lru_cache(maxsize=256)
+def _forward_tiles(arch: str, spec: AttentionSpec, blocks: BlockSizes, stage_bias: bool, override: str) -> Tiles:
+    """`forward_tiles` of a fragment family and ``$MFA_BLOCKS`` value (computed once per key)."""
+    if arch != "cuda" or "fwd=" in override:
+        return blocks.fwd
+    if spec.block_mask is not None or spec.has_dropout or spec.has_alibi or spec.softcap or stage_bias:
+        return dataclasses.replace(blocks.fwd, min_blocks=0)
+    return blocks.fwd
+
+
 def backward_tiles(target: str, spec: AttentionSpec, blocks: BlockSizes) -> Tuple[Tiles, Tiles]:
-    """The dq and dk/dv tiles of one backward: `block_sizes`' defaults, except for a block mask of
-    blocks at least 128 x 128 on the CUDA family (and no ``$MFA_BLOCKS``): 128 query rows per dk/dv
-    work item, one mask block each (H100, 10 % of 128 x 128 blocks, N = 16384: dk/dv 637 -> 553 µs;
-    128-key dq tiles measured no faster, 660 -> 658 µs, so dq keeps its own)."""
+    """The dq and dk/dv tiles of one backward: `block_sizes`' defaults, except on the CUDA family
+    for a kernel whose tiles ``$MFA_BLOCKS`` does not set:
+
+    - with a bias, dq has no register cap (``min_blocks``): the staged bias and dbias tiles spill
+      140 B under it (H100, bias (2, 16, 4096, 4096): dq 1318 µs uncapped, 1576 µs capped);
+    - a block mask of blocks at least 128 x 128 gives 128 query rows per dk/dv work item, one mask
+      block each (H100, 10 % of 128 x 128 blocks, N = 16384: dk/dv 637 -> 553 µs; 128-key dq
+      tiles measured no faster, 660 -> 658 µs, so dq keeps its own).
+    """
+    return _backward_tiles(build.arch_of(target), spec, blocks, os.environ.get("MFA_BLOCKS", ""))
+
+
+@functools.lru_cache(maxsize=256)
+def _backward_tiles(arch: str, spec: AttentionSpec, blocks: BlockSizes, override: str) -> Tuple[Tiles, Tiles]:
+    """`backward_tiles` of a fragment family and ``$MFA_BLOCKS`` value (computed once per key)."""
+    dq, dkdv = blocks.dq, blocks.dkdv
+    if arch != "cuda":
+        return dq, dkdv
+    if spec.has_bias and "dq=" not in override:
+        dq = dataclasses.replace(dq, min_blocks=0)
     mask = spec.block_mask
-    if (mask is None or min(mask.block_size) < 128 or build.arch_of(target) != "cuda"
-            or os.environ.get("MFA_BLOCKS")):
-        return blocks.dq, blocks.dkdv
-    return blocks.dq, dataclasses.replace(blocks.dkdv, block_q=128)
+    if mask is not None and min(mask.block_size) >= 128 and "dkdv=" not in override:
+        dkdv = dataclasses.replace(dkdv, block_q=128)
+    return dq, dkdv
 
 
 def backward(target: str, spec: AttentionSpec, inputs: AttentionInputs, out: mx.array, lse: mx.array,
@@ -415,7 +462,10 @@ def backward(target: str, spec: AttentionSpec, inputs: AttentionInputs, out: mx.
         return AttentionGrads(mx.zeros_like(q), mx.zeros_like(k), mx.zeros_like(v), dbias, dslopes, dsinks, *cu_grads)
     d = padded_head_dim(max(D, Dv))
     dq_tiles, dkdv_tiles = backward_tiles(target, spec, block_sizes(target, d, q.dtype))
-    q, k, v, out, dout = (_pad_head(x, d) for x in (q, k, v, out, dout.astype(q.dtype)))
+    # varlen's dout is a transposed view: made row-contiguous once for both kernels
+    dout = dout.astype(q.dtype)
+    dout = row_contiguous(dout) if spec.varlen else dout
+    q, k, v, out, dout = (_pad_head(x, d) for x in (q, k, v, out, dout))
     call = Call.of(spec, inputs)
     lse = lse.astype(mx.float32)
 

@@ -31,12 +31,16 @@ class Tiles:
         warps: warps (simdgroups) per threadgroup; each owns ``block_q / warps`` query rows
             (``block_k / warps`` key rows in the dk/dv kernel).
         stages: key/value tiles in flight (2: cp.async double buffering on CUDA).
+        min_blocks: CUDA only: threadgroups per SM the compiler must fit registers for
+            (``__launch_bounds__(threads, min_blocks)``, i.e. at most 64K / (threads · min_blocks)
+            registers a thread); 0 leaves the register count to the compiler.
     """
 
     block_q: int
     block_k: int
     warps: int
     stages: int = 1
+    min_blocks: int = 0
 
     @property
     def threads(self) -> int:
@@ -88,12 +92,18 @@ class BlockSizes:
         if arch == "cuda":
             # measured on an H100 (benchmarks/cuda_check.py --tune, then with wgmma): with
             # mma.sync alone, 4 warps of 32 query rows beat 8 warps of 16 in the forward; with
-            # wgmma, 64 x 64 tiles of 4 warps win in every kernel (window forward 129 -> 93 µs)
+            # wgmma, 64 x 64 tiles of 4 warps win in every kernel (window forward 129 -> 93 µs).
+            # At D = 64 register caps (`Tiles.min_blocks`) pay: the wgmma dq kernel takes 176
+            # registers, two threadgroups an SM; capped at 168 (three) it spills 16 B and runs
+            # faster (window 137 -> 117 µs, block-sparse 666 -> 529 µs); the forward, 133 -> 128
+            # (four), window 94 -> 89 µs.  `attention.forward_tiles` / `backward_tiles` drop the
+            # caps for the variants that spill more under them.
             wg_forward = allow_wgmma and wgmma(arch, "attention_fwd", Tiles(64, 64, 4), head_dim, dtype)
             wide_forward = head_dim <= 128 and not wg_forward
+            capped = wg_forward and head_dim == 64
             options = {
-                "attention_fwd": [Tiles(128, 64, 4, 2)] if wide_forward else [Tiles(64, 64, 4, 2)],
-                "attention_bwd_dq": [Tiles(64, 64, 4, 2)],
+                "attention_fwd": [Tiles(128, 64, 4, 2)] if wide_forward else [Tiles(64, 64, 4, 2, 4 if capped else 0)],
+                "attention_bwd_dq": [Tiles(64, 64, 4, 2, 3 if capped else 0)],
                 "attention_bwd_dkdv": [Tiles(64, 64, 4, 2)],
             }
         else:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import os
 import shutil
+from typing import Optional, Tuple
 
 import mlx.core as mx
 
@@ -47,11 +48,13 @@ def is_available(target: str) -> bool:
 
 
 @functools.cache
-def kernel(target: str, name: str, arch: str, shared: int = 0):
-    """The kernel object of `name` for `target` (``shared``: CUDA dynamic shared bytes).
+def kernel(target: str, name: str, arch: str, shared: int = 0, launch_bounds: Optional[Tuple[int, int]] = None):
+    """The kernel object of `name` for `target`.
 
-    CUDA sets the dynamic shared memory size once per kernel object, so each size is its own
-    object (and its own NVRTC module, through the SMEM template value).
+    CUDA sets the dynamic shared memory size (``shared`` bytes) once per kernel object, so each
+    size is its own object (and its own NVRTC module, through the SMEM template value);
+    ``launch_bounds = (threads, min_blocks)`` gives the kernel ``__launch_bounds__`` (in its
+    header, `sources.launch_bounds`), so each bound is its own object too.
     """
     inputs, outputs = IO[name]
     source = sources.gpu_body(name)
@@ -60,7 +63,8 @@ def kernel(target: str, name: str, arch: str, shared: int = 0):
                                     header=sources.header("metal"))
     if target == "cuda":
         return mx.fast.cuda_kernel(name=name, input_names=inputs, output_names=outputs, source=source,
-                                   header=sources.header("cuda"), shared_memory=shared)
+                                   header=sources.header("cuda") + sources.launch_bounds(launch_bounds),
+                                   shared_memory=shared)
     if target == "emulator":
         return emulator.EmulatorKernel(name, inputs, outputs, source, arch=arch)
     raise ValueError(f"unknown {target=}")

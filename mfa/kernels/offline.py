@@ -65,7 +65,7 @@ def record_cuda_launches(fn: Callable, *args) -> List[Tuple[str, list, list, lis
     instantiations as ``(name, template, input dtypes, output dtypes)``."""
     calls: list = []
     real_kernel, real_available = build.kernel, build.is_available
-    build.kernel = lambda target, name, arch, shared=0: _Recorder(name, calls)
+    build.kernel = lambda target, name, arch, *_: _Recorder(name, calls)
     build.is_available = lambda target: target == "cuda" or real_available(target)
     try:
         fn(*args)
@@ -76,8 +76,12 @@ def record_cuda_launches(fn: Callable, *args) -> List[Tuple[str, list, list, lis
 
 def cuda_kernel_source(name: str, template: Sequence[Tuple[str, object]], in_dtypes: Sequence[mx.Dtype],
                        out_dtypes: Sequence[mx.Dtype], function_name: str = "") -> str:
-    """One ``__global__`` function as MLX's ``cuda_kernel`` writes it (signature + constexprs + body)."""
+    """One ``__global__`` function as MLX's ``cuda_kernel`` writes it (signature + constexprs + body),
+    with the ``__launch_bounds__`` that `build.kernel`'s header gives a MIN_BLOCKS template."""
     inputs, outputs = build.IO[name]
+    values = dict(template)
+    bounds = (f"__launch_bounds__({32 * values['NW']}, {values['MIN_BLOCKS']}) "
+              if values.get("MIN_BLOCKS") else "")
     params = [f"const {_CUDA_TYPES[d]}* {n}" for n, d in zip(inputs, in_dtypes)]
     params += [f"{_CUDA_TYPES[d]}* {n}" for n, d in zip(outputs, out_dtypes)]
     consts = []
@@ -87,7 +91,7 @@ def cuda_kernel_source(name: str, template: Sequence[Tuple[str, object]], in_dty
         else:
             consts.append(f"  constexpr int {tname} = {int(value)};")
     return "\n".join([
-        f"__global__ void {function_name or 'custom_kernel_' + name}({', '.join(params)}) {{",
+        f"__global__ void {bounds}{function_name or 'custom_kernel_' + name}({', '.join(params)}) {{",
         *consts,
         sources.gpu_body(name),
         "}",

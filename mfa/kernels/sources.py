@@ -16,6 +16,7 @@ import functools
 import os
 import re
 from pathlib import Path
+from typing import Optional, Tuple
 
 KERNELS = (
     "attention_fwd",
@@ -72,6 +73,18 @@ def tile_layer(arch: str) -> str:
     """The tile layer for a fragment family: ``"metal"`` (simdgroup 8x8) or ``"cuda"`` (mma m16n8k16)."""
     extra = read(FRAGMENT_EXTRAS[arch]) if FRAGMENT_EXTRAS[arch] else ""
     return read(FRAGMENTS[arch]) + read("tile.h") + extra + read("band.h") + read("variants.h")
+
+
+def launch_bounds(bounds: Optional[Tuple[int, int]]) -> str:
+    """Header lines that give the kernel after them ``__launch_bounds__(threads, min_blocks)``.
+
+    MLX writes the signature itself (``__global__ void custom_kernel_...``) after the header, so
+    the header redefines ``__global__`` (NVRTC: ``__location__(global)``); "" for None.
+    """
+    if bounds is None:
+        return ""
+    threads, min_blocks = bounds
+    return f"#undef __global__\n#define __global__ __location__(global) __launch_bounds__({threads}, {min_blocks})\n"
 
 
 @functools.cache
