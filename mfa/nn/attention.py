@@ -139,10 +139,10 @@ class Attention(nn.Module):
                 raise ValueError(f"packed input takes mask None or 'causal', got {type(mask)=}")
             # RoPE per token at its position in its own sequence: view tokens as a batch of 1-long rows
             positions = packed_positions(cu_seqlens, N)
-            q = self._rope(q[0][:, :, None], positions)[:, :, 0]
-            k = self._rope(k[0][:, :, None], positions)[:, :, 0]
+            q = self._rope(q.squeeze(0)[:, :, None], positions).squeeze(2)
+            k = self._rope(k.squeeze(0)[:, :, None], positions).squeeze(2)
             out = mfa.flash_attention_varlen(
-                q, k, v[0], cu_seqlens, cu_seqlens, causal=mask is not None, **options
+                q, k, v.squeeze(0), cu_seqlens, cu_seqlens, causal=mask is not None, **options
             )
             return self.o_proj(out.reshape(1, N, H * D))
 

@@ -163,6 +163,12 @@ def _run(route: Route, spec: AttentionSpec, inputs: AttentionInputs,
         return function.sdpa_function(spec)(*arrays), None
     if route.backend == "sdpa+":
         return function.sdpa_forward_function(spec, route.backward)(*arrays), None
+    if route.backend in NATIVE_TARGETS and spec.varlen:
+        # varlen's q, k, v are transposed views: one row-contiguous copy each, shared by the
+        # forward and backward kernels (a kernel copies a strided input itself, per launch).  Not
+        # done for dense calls, whose layout is unknown here: on contiguous inputs the extra
+        # nodes cost ~40 µs of graph building (H100 host, window fwd+bwd)
+        arrays = (*(kernels.attention.row_contiguous(x) for x in arrays[:3]), *arrays[3:])
     out, lse = function.attention_function(spec, route.backend, lse_used=return_lse)(*arrays)
     return out.astype(inputs.q.dtype), lse
 
