@@ -2,8 +2,8 @@
 
 Block sizes, the native support check, the spec and the per-call constant buffers are cached by
 key; these tests change ``$MFA_BLOCKS``, ``$MFA_EMULATOR_ARCH`` and ``$MFA_KERNEL_VERBOSE``
-between calls and check that each change takes effect.  No kernel runs: the CUDA launches are
-recorded (`mfa.kernels.offline`).
+between calls and check that each change takes effect; others check the shape of the lazy graph
+a call builds.  No kernel runs: the CUDA launches are recorded (`mfa.kernels.offline`).
 """
 
 import mlx.core as mx
@@ -154,3 +154,43 @@ def test_lse_cotangent_is_read_only_when_lse_is_returned():
 
     assert dlse_flag(False) == [0]
     assert dlse_flag(True) == [1]
+
+
+def _graph_primitives(outputs) -> set:
+    """The primitive names in the lazy graph of `outputs` (from ``mx.export_to_dot``)."""
+    import re
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("r", suffix=".dot") as f:
+        mx.export_to_dot(f.name, *outputs)
+        return set(re.findall(r'label ="?([A-Za-z]+)', f.read()))
+
+
+def test_packed_gradients_have_no_full_size_scatter(monkeypatch):
+    """The varlen op and packed `mfa.nn.Attention` reach the kernels without integer indexing of
+    the (1, ...) batch axis: ``x[0]`` is a gather in MLX, whose gradient scatters into zeros of the
+    whole tensor (0.8 ms of a 3.7 ms varlen fwd+bwd on an H100, and half of a training step)."""
+
+    class Recorder:  # lazy zeros that still depend on the kernel's inputs, so the graph stays whole
+        def __call__(self, *, inputs, output_shapes, output_dtypes, **_):
+            dep = sum(mx.stop_gradient(x).reshape(-1)[:1].astype(mx.float32).sum() for x in inputs if x.size)
+            return [mx.zeros(s, d) + (dep * 0).astype(d) for s, d in zip(output_shapes, output_dtypes)]
+
+    real_available = build.is_available
+    monkeypatch.setattr(build, "kernel", lambda *args: Recorder())
+    monkeypatch.setattr(build, "is_available", lambda target: target == "cuda" or real_available(target))
+    cu = mx.array([0, 20, 48], mx.int32)
+    q, k, v, dout = (mx.zeros((48, 2, 64), mx.bfloat16) for _ in range(4))
+    varlen = lambda q, k, v: mfa.flash_attention_varlen(q, k, v, cu, cu, causal=True, backend="cuda")  # noqa: E731
+    grads = mx.vjp(varlen, [q, k, v], [dout])[1]
+    layer = mfa.nn.Attention(128, 2)
+    layer.set_dtype(mx.bfloat16)
+    x = mx.zeros((1, 48, 128), mx.bfloat16)
+    real_varlen = mfa.flash_attention_varlen
+    monkeypatch.setattr(mfa, "flash_attention_varlen", lambda *a, **o: real_varlen(*a, **o, backend="cuda"))
+    layer_grads = mx.vjp(lambda x: layer(x, cu_seqlens=cu), [x], [x])[1]
+    found = _graph_primitives(grads)
+    assert "CustomTransforms" in found  # the custom VJP is in the graph
+    assert not found & {"Scatter", "ScatterAxis", "Gather", "SliceUpdate"}, found
+    found = _graph_primitives(layer_grads)  # (small gathers of the packed positions for RoPE)
+    assert "CustomTransforms" in found and not found & {"Scatter", "ScatterAxis"}, found
