@@ -10,6 +10,7 @@ Modes: ``fwd`` (out) and ``fwd+bwd`` (dq, dk, dv for the cotangent ``dout`` of o
 from __future__ import annotations
 
 import dataclasses
+import math
 import statistics
 import time
 from typing import Callable, List, Optional
@@ -124,26 +125,33 @@ class Result:
 
 
 def pipelined_ms(step: Callable[[], list], iters: int) -> float:
-    """Mean time per step over `iters` steps with at most two in flight: step i is built and queued
-    (``mx.async_eval``) before waiting for step i-1."""
+    """Steady-state time per step with at most two in flight (step i is built and queued with
+    ``mx.async_eval`` before waiting for step i-1): from the end of the first step to the end of
+    the last, over the `iters` - 1 steps between, so the pipeline's fill (one step's full latency)
+    is not spread over the mean."""
+    iters = max(iters, 2)
     mx.synchronize()
-    t0 = time.perf_counter()
-    previous = None
+    previous, first_done = None, None
     for _ in range(iters):
         outs = step()
         mx.async_eval(outs)
         if previous is not None:
             mx.eval(previous)
+            if first_done is None:
+                first_done = time.perf_counter()
         previous = outs
     mx.eval(previous)
     mx.synchronize()
-    return 1e3 * (time.perf_counter() - t0) / iters
+    return 1e3 * (time.perf_counter() - first_done) / (iters - 1)
+
+
+PIPELINE_MS = 20.0  # time_step runs enough pipelined steps to fill about this long
 
 
 def time_step(step: Callable[[], list], flops: float, warmup: int, iters: int) -> Result:
     """Median wall time of ``mx.eval(step())`` over `iters` runs after `warmup`, the pipelined time per
-    step over ``2 * iters`` steps, and the extra peak memory of one run; errors (OOM, an unsupported
-    call) are returned in the result, not raised."""
+    step over ``2 * iters`` steps or as many as fill ~`PIPELINE_MS` (at most 200), and the extra peak
+    memory of one run; errors (OOM, an unsupported call) are returned in the result, not raised."""
     try:
         for _ in range(warmup):
             mx.eval(step())
@@ -161,7 +169,7 @@ def time_step(step: Callable[[], list], flops: float, warmup: int, iters: int) -
             times.append(time.perf_counter() - t0)
         ms = 1e3 * statistics.median(times)
         return Result(ms=ms, tflops=flops / (ms * 1e-3) / 1e12, peak_mib=peak,
-                      pipelined_ms=pipelined_ms(step, 2 * iters))
+                      pipelined_ms=pipelined_ms(step, max(2 * iters, min(200, math.ceil(PIPELINE_MS / ms)))))
     except Exception as err:  # OOM, an unsupported call: reported in the table, not fatal
         return Result(error=f"{type(err).__name__}: {str(err).splitlines()[0][:160]}")
     finally:
