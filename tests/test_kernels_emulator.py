@@ -307,7 +307,8 @@ def test_block_sparse_from_blocks_with_causal_window_bias_dropout(arch):
 
 
 def test_block_sparse_schedule_lists_and_bits():
-    """The compiled lists visit exactly the active tiles; partial tiles carry the element mask."""
+    """The compiled lists visit exactly the active tiles; partial tiles carry the element mask; each
+    (batch, head)'s tiles are ordered by decreasing list length."""
     N, bs = 75, 16
     mask = BlockMask.from_mask_mod(lambda b, h, i, j: ((j <= i) & (j % 5 != 0)) | (i < 8 + h), 1, 2, N, N,
                                   block_size=bs)
@@ -315,7 +316,13 @@ def test_block_sparse_schedule_lists_and_bits():
     s = sparse.schedule(mask, N, N, BQ, BK, sparse.UNBOUNDED, sparse.UNBOUNDED, 2, transposed=False)
     sched, bits = np.array(s.sched), np.array(s.bits)
     nqt, nkt = 3, 2
-    offsets, entries = sched[: 2 * nqt + 1], sched[2 * nqt + 1:].reshape(-1, 2)
+    offsets = sched[: 2 * nqt + 1]
+    entries = sched[2 * nqt + 1: 2 * nqt + 1 + 2 * offsets[-1]].reshape(-1, 2)
+    order = sched[2 * nqt + 1 + 2 * offsets[-1]:].reshape(2, nqt)
+    lengths = np.diff(offsets).reshape(2, nqt)
+    for h in range(2):
+        assert sorted(order[h]) == list(range(nqt))
+        assert list(lengths[h][order[h]]) == sorted(lengths[h], reverse=True)
     dense = np.array(mask.dense_mask(N, N))[0]  # (2, N, N)
     active = set()
     for h in range(2):
@@ -336,7 +343,10 @@ def test_block_sparse_schedule_lists_and_bits():
     # dk/dv lists: per key tile (one key/value head serving both heads), (head, query tile) pairs
     t = sparse.schedule(mask, N, N, BQ, BK, sparse.UNBOUNDED, sparse.UNBOUNDED, 2, transposed=True)
     tsched = np.array(t.sched)
-    toffsets, tentries = tsched[: nkt + 1], tsched[nkt + 1:].reshape(-1, 3)
+    toffsets = tsched[: nkt + 1]
+    tentries = tsched[nkt + 1: nkt + 1 + 3 * toffsets[-1]].reshape(-1, 3)
+    torder = tsched[nkt + 1 + 3 * toffsets[-1]:]
+    assert list(np.diff(toffsets)[torder]) == sorted(np.diff(toffsets), reverse=True)
     for tk in range(nkt):
         got = [tuple(e[:2]) for e in tentries[toffsets[tk]: toffsets[tk + 1]]]
         assert got == [(h, tq) for h in range(2) for tq in range(nqt) if (h, tq, tk) in active]

@@ -2,14 +2,16 @@
 
 A kernel tile (``BQ x BK`` scores of the kernel, whatever the mask's block size) is *active* when
 any mask block it overlaps is active and it meets the causal/window band, and *full* when every
-block it overlaps is full.  The kernels get, in one int32 buffer ``sched = [offsets, entries]``:
+block it overlaps is full.  The kernels get, in one int32 buffer ``sched = [offsets, entries,
+order]``:
 
 - forward and dq: one list per (mask batch, mask head, query tile) of ``(key tile, partial)``;
 - dk/dv: one list per (mask batch, key/value head or 1, key tile) of ``(group head, query
   tile, partial)`` — the transpose, with the query heads of a GQA group one after another;
 
-where ``partial`` is -1 for a full tile, else the index of the tile's element mask in the
-uint32 ``bits`` buffer (``BQ`` rows of ``ceil(BK/32)`` words, bit ``c % 32`` of word ``c // 32``
+and ``order``, per (mask batch, head) row of lists, its tiles by decreasing list length (the
+order the threadgroups take them in, longest first).  ``partial`` is -1 for a full tile, else
+the index of the tile's element mask in the uint32 ``bits`` buffer (``BQ`` rows of ``ceil(BK/32)`` words, bit ``c % 32`` of word ``c // 32``
 is key ``c``), built from `BlockMask.element_mask` (the ``mask_mod``) for partial tiles only.
 Schedules are cached per mask object and kernel tile.
 """
@@ -126,6 +128,10 @@ def _build(block_mask, Nq, Nk, BQ, BK, left, right, group, transposed) -> Schedu
         entries = np.stack([g, tq, pid[b, h, tq, tk]], axis=-1)
         counts = lists.sum(axis=(-2, -1)).ravel()
     offsets = np.concatenate([[0], np.cumsum(counts)])
-    sched = mx.array(np.concatenate([offsets, entries.ravel()]).astype(np.int32))
+    # each (mask batch, head)'s tiles by decreasing list length: threadgroups take them in this
+    # order, so the longest start first and the last to start are the shortest (for the benchmark's
+    # 10 % of 128 x 128 blocks, greedy dispatch onto 396 slots ends 5 % over the ideal, 10 % unordered)
+    order = np.argsort(-counts.reshape(-1, nkt if transposed else nqt), axis=1, kind="stable")
+    sched = mx.array(np.concatenate([offsets, entries.ravel(), order.ravel()]).astype(np.int32))
     bits = mx.array(_bits(block_mask, partial, Nq, Nk, BQ, BK).reshape(-1)) if partial.any() else None
     return Schedule(sched, bits, mb, mh)

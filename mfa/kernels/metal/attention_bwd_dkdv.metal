@@ -48,7 +48,13 @@ if (!sg.valid) return;
 const Band band = Band::from(sg.nq, sg.nk, params[kLeft], params[kRight]);
 Scores<SOFTCAP, ALIBI> sc = Scores<SOFTCAP, ALIBI>::from(fparams[0], fparams[2], fparams[3], 0.0f, sg.nk - sg.nq);
 const float scale = fparams[1];
-const int k0 = sg.tile * BK;
+// block-sparse: this (batch, key/value head)'s row of lists, and the key tiles taken in order of
+// decreasing list length (sched's `order`), so that the shortest start last
+const int nkt = (sg.nk + BK - 1) / BK;
+const int mask_heads = params[kMaskH] > 1 ? HKV : 1;
+const int mask_row = SPARSE ? (params[kMaskB] > 1 ? b : 0) * mask_heads + (params[kMaskH] > 1 ? hk : 0) : 0;
+const int mask_lists = params[kMaskB] * mask_heads * nkt;
+const int k0 = (SPARSE ? TileList<3>::ordered(sched, mask_lists, nkt, mask_row, sg.tile) : sg.tile) * BK;
 const int k1 = k0 + BK < sg.nk ? k0 + BK : sg.nk;
 const int group = H / HKV;
 const int bias_sq = params[kBiasStrideQ], bias_sk = params[kBiasStrideK];
@@ -74,10 +80,7 @@ const int nq = q_hi > q_lo ? (q_hi + BQ - 1) / BQ - qt_begin : 0;
 int nwork = group * nq;
 TileList<3> list;
 if (SPARSE) {
-  const int nkt = (sg.nk + BK - 1) / BK;
-  const int heads = params[kMaskH] > 1 ? HKV : 1;
-  const int mask_row = (params[kMaskB] > 1 ? b : 0) * heads + (params[kMaskH] > 1 ? hk : 0);
-  list = TileList<3>::at(sched, params[kMaskB] * heads * nkt, mask_row * nkt + sg.tile);
+  list = TileList<3>::at(sched, mask_lists, mask_row * nkt + k0 / BK);
   nwork = list.count;
 }
 

@@ -46,7 +46,12 @@ const Scores<SOFTCAP, ALIBI> sc = Scores<SOFTCAP, ALIBI>::from(fparams[0], fpara
 const Dropout drop = Dropout::from(params, fparams[4], b * H + h);
 // causal-like bands: the longest query tiles (the last ones) start first, for load balance
 const int nqt = (sg.nq + BQ - 1) / BQ;
-const int qt = band.right < kUnbounded ? nqt - 1 - sg.tile : sg.tile;
+// block-sparse: this (batch, head)'s row of lists, and the query tiles taken in order of
+// decreasing list length (sched's `order`), so that the shortest start last
+const int mask_row = SPARSE ? (params[kMaskB] > 1 ? b : 0) * params[kMaskH] + (params[kMaskH] > 1 ? h : 0) : 0;
+const int mask_lists = params[kMaskB] * params[kMaskH] * nqt;
+const int qt = SPARSE ? TileList<2>::ordered(sched, mask_lists, nqt, mask_row, sg.tile)
+                      : band.right < kUnbounded ? nqt - 1 - sg.tile : sg.tile;
 const int q0 = qt * BQ;
 const int q1 = q0 + BQ < sg.nq ? q0 + BQ : sg.nq;
 const int hk = h / (H / HKV);  // GQA: the key/value head shared by this query head
@@ -67,8 +72,7 @@ const int t_first = kv_lo / BK;
 int ntiles = kv_hi > kv_lo ? (kv_hi + BK - 1) / BK - t_first : 0;
 TileList<2> list;
 if (SPARSE) {
-  const int mask_row = (params[kMaskB] > 1 ? b : 0) * params[kMaskH] + (params[kMaskH] > 1 ? h : 0);
-  list = TileList<2>::at(sched, params[kMaskB] * params[kMaskH] * nqt, mask_row * nqt + qt);
+  list = TileList<2>::at(sched, mask_lists, mask_row * nqt + qt);
   ntiles = list.count;
 }
 

@@ -78,11 +78,12 @@ struct Segment {
   }
 };
 
-// Block-sparse schedules (mfa/kernels/sparse.py): sched = [offsets (ROWS + 1), entries], the
-// entries of list r at [offsets[r], offsets[r+1]), each `W` ints.  Forward and dq: one list per
-// (mask batch, mask head, query tile), entries (key tile, partial); dk/dv: one per (mask batch,
-// key/value head or 1, key tile), entries (group head, query tile, partial).  `partial` indexes
-// the element bitmask of a tile that is neither empty nor full, or is -1.
+// Block-sparse schedules (mfa/kernels/sparse.py): sched = [offsets (ROWS + 1), entries, order
+// (ROWS)], the entries of list r at [offsets[r], offsets[r+1]), each `W` ints.  Forward and dq:
+// one list per (mask batch, mask head, query tile), entries (key tile, partial); dk/dv: one per
+// (mask batch, key/value head or 1, key tile), entries (group head, query tile, partial).
+// `partial` indexes the element bitmask of a tile that is neither empty nor full, or is -1.
+// `order` holds, per (mask batch, head), its tiles by decreasing list length.
 template <int W>
 struct TileList {
   MFA_DEV const int* entries;
@@ -95,6 +96,10 @@ struct TileList {
     return l;
   }
   MFA_FUNC int get(int n, int field) const { return entries[W * n + field]; }
+  // The tile that threadgroup `x` of list row `row` (of `tiles` tiles each) takes: longest first.
+  MFA_FUNC static int ordered(MFA_DEV const int* sched, int rows, int tiles, int row, int x) {
+    return sched[(rows + 1) + W * sched[rows] + row * tiles + x];
+  }
 };
 
 // Element (row, col) of partial tile `p` (ROWS x COLS, one 32-bit word per 32 columns of a row).
