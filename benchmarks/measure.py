@@ -145,12 +145,14 @@ def pipelined_ms(step: Callable[[], list], iters: int) -> float:
     return 1e3 * (time.perf_counter() - first_done) / (iters - 1)
 
 
-PIPELINE_MS = 20.0  # time_step runs enough pipelined steps to fill about this long
+# time_step runs enough pipelined steps to fill about this long (as triton's do_bench repeats for
+# 100 ms): short calls need that long for the GPU to reach its steady clocks and the host its pace
+PIPELINE_MS = 100.0
 
 
 def time_step(step: Callable[[], list], flops: float, warmup: int, iters: int) -> Result:
     """Median wall time of ``mx.eval(step())`` over `iters` runs after `warmup`, the pipelined time per
-    step over ``2 * iters`` steps or as many as fill ~`PIPELINE_MS` (at most 200), and the extra peak
+    step over ``2 * iters`` steps or as many as fill ~`PIPELINE_MS` (at most 300), and the extra peak
     memory of one run; errors (OOM, an unsupported call) are returned in the result, not raised."""
     try:
         for _ in range(warmup):
@@ -169,7 +171,7 @@ def time_step(step: Callable[[], list], flops: float, warmup: int, iters: int) -
             times.append(time.perf_counter() - t0)
         ms = 1e3 * statistics.median(times)
         return Result(ms=ms, tflops=flops / (ms * 1e-3) / 1e12, peak_mib=peak,
-                      pipelined_ms=pipelined_ms(step, max(2 * iters, min(200, math.ceil(PIPELINE_MS / ms)))))
+                      pipelined_ms=pipelined_ms(step, max(2 * iters, min(300, math.ceil(PIPELINE_MS / ms)))))
     except Exception as err:  # OOM, an unsupported call: reported in the table, not fatal
         return Result(error=f"{type(err).__name__}: {str(err).splitlines()[0][:160]}")
     finally:
