@@ -159,3 +159,22 @@ def test_wgmma_product_lands_at_the_wait():
                           threads=32, arch="cuda", template=[("T", mx.bfloat16)]))
     np.testing.assert_array_equal(got[0], np.zeros((16, 64), np.float32))
     np.testing.assert_array_equal(got[1], a @ b.T)
+
+
+def test_missing_wgmma_wait_is_an_error():
+    body = """
+    using namespace mfa;
+    const int tid = int(thread_index_in_threadgroup);
+    const LaneCoord lc = lane_coord(tid);
+    MFA_SHARED(smem, 64 * 64 * 2 + 16 * 72 * 2);
+    MFA_TG T* sb = reinterpret_cast<MFA_TG T*>(smem);
+    MFA_TG T* sa = sb + 64 * 64;
+    Acc<16, 64> c;
+    c.zero();
+    unsigned fa[4][4];
+    BTile<1>::load_a<4>(fa, sa, 72, 0, lc);
+    BTile<1>::issue_abt<4, 64, T>(c.v, fa, sb, 0);
+    out[tid] = 0.0f;
+    """
+    with pytest.raises(RuntimeError, match="wgmma products never waited"):
+        launch(body, [mx.ones((32,))], (32,), threads=32, arch="cuda", template=[("T", mx.bfloat16)])

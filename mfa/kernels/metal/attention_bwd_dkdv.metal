@@ -48,8 +48,8 @@ if (!sg.valid) return;
 const Band band = Band::from(sg.nq, sg.nk, params[kLeft], params[kRight]);
 Scores<SOFTCAP, ALIBI> sc = Scores<SOFTCAP, ALIBI>::from(fparams[0], fparams[2], fparams[3], 0.0f, sg.nk - sg.nq);
 const float scale = fparams[1];
-// block-sparse: this (batch, key/value head)'s row of lists, and the key tiles taken in order of
-// decreasing list length (sched's `order`), so that the shortest start last
+// block-sparse: the longest key tiles start first, for load balance, in the order of this
+// (batch, key/value head)'s row of lists (sched's `order`, by decreasing list length)
 const int nkt = (sg.nk + BK - 1) / BK;
 const int mask_heads = params[kMaskH] > 1 ? HKV : 1;
 const int mask_row = SPARSE ? (params[kMaskB] > 1 ? b : 0) * mask_heads + (params[kMaskH] > 1 ? hk : 0) : 0;

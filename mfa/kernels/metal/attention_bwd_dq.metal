@@ -54,8 +54,9 @@ const Scores<SOFTCAP, ALIBI> sc = Scores<SOFTCAP, ALIBI>::from(fparams[0], fpara
 const Dropout drop = Dropout::from(params, fparams[4], b * H + h);
 const float scale = fparams[1];
 const int nqt = (sg.nq + BQ - 1) / BQ;
-// block-sparse: this (batch, head)'s row of lists, and the query tiles taken in order of
-// decreasing list length (sched's `order`), so that the shortest start last
+// the longest query tiles start first, for load balance: block-sparse, in the order of this
+// (batch, head)'s row of lists (sched's `order`, by decreasing list length); causal-like bands,
+// the last tiles first
 const int mask_row = SPARSE ? (params[kMaskB] > 1 ? b : 0) * params[kMaskH] + (params[kMaskH] > 1 ? h : 0) : 0;
 const int mask_lists = params[kMaskB] * params[kMaskH] * nqt;
 const int qt = SPARSE ? TileList<2>::ordered(sched, mask_lists, nqt, mask_row, sg.tile)

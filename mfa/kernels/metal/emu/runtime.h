@@ -214,6 +214,8 @@ inline void fiber_main(Fiber* f) {
   g.launch->body(g.gx, g.gy, g.gz, f->tid);
   if (!f->pending.empty())
     fail("kernel returned with cp.async copies never waited for");
+  if (!f->wgmma_pending.empty())
+    fail("kernel returned with wgmma products never waited for");
   f->state = State::Done;
   ++g.done;
   for (;;) yield_to_scheduler();
