@@ -125,29 +125,41 @@ def test_threadgroup_size_must_be_whole_warps():
         launch("out[0] = 1.0f;", [mx.ones((1,))], (1,), threads=48)
 
 
-def test_wgmma_product_lands_at_the_wait():
-    """Emulated wgmma is asynchronous as on the GPU: the accumulator holds its old values until
-    the wait, and the product is taken then (so a kernel that reads it early fails here too)."""
-    # one warp: c (16 x 64) = a (16 x 64) · bᵀ, b (64 x 64) a swizzled B tile
-    body = """
+# One warp of the CUDA family: a 64 x 64 B tile in the swizzled wgmma layout, then 16 rows of A
+# (row stride 72), and c (16 x 64) += a · bᵀ issued from them.
+_WGMMA_TILES = """
     using namespace mfa;
     const int tid = int(thread_index_in_threadgroup);
     const LaneCoord lc = lane_coord(tid);
     MFA_SHARED(smem, 64 * 64 * 2 + 16 * 72 * 2);
     MFA_TG T* sb = reinterpret_cast<MFA_TG T*>(smem);
     MFA_TG T* sa = sb + 64 * 64;
-    copy_b_tile_async<1, 64, 64, 32>(sb, 0, in1, 64, 64, tid);
-    copy_tile_async<16, 64, 32>(sa, 72, in0, 64, 16, tid);
-    mfa_async_commit();
-    mfa_async_wait<0>();
-    publish_b_tiles<1>();
-    mfa_barrier();
+"""
+_WGMMA_ISSUE = """
     Acc<16, 64> c;
     c.zero();
     unsigned fa[4][4];
     BTile<1>::load_a<4>(fa, sa, 72, 0, lc);
     mfa_wgmma_fence();
     BTile<1>::issue_abt<4, 64, T>(c.v, fa, sb, 0);
+"""
+
+
+def launch_wgmma(body, inputs, out_shape):
+    return launch(_WGMMA_TILES + body, inputs, out_shape, threads=32, arch="cuda", template=[("T", mx.bfloat16)])
+
+
+def test_wgmma_product_lands_at_the_wait():
+    """Emulated wgmma is asynchronous as on the GPU: the accumulator holds its old values until
+    the wait, and the product is taken then (so a kernel that reads it early fails here too)."""
+    body = """
+    copy_b_tile_async<1, 64, 64, 32>(sb, 0, in1, 64, 64, tid);
+    copy_tile_async<16, 64, 32>(sa, 72, in0, 64, 16, tid);
+    mfa_async_commit();
+    mfa_async_wait<0>();
+    publish_b_tiles<1>();
+    mfa_barrier();
+    """ + _WGMMA_ISSUE + """
     Acc<16, 64> early = c;
     mfa_wgmma_commit_wait();
     store_acc(early, out, 64, 16, lc);
@@ -155,26 +167,15 @@ def test_wgmma_product_lands_at_the_wait():
     """
     rng = np.random.default_rng(1)
     a, b = (rng.integers(-3, 4, size=s).astype(np.float32) for s in ((16, 64), (64, 64)))
-    got = np.array(launch(body, [mx.array(a).astype(mx.bfloat16), mx.array(b).astype(mx.bfloat16)], (2, 16, 64),
-                          threads=32, arch="cuda", template=[("T", mx.bfloat16)]))
+    got = np.array(launch_wgmma(body, [mx.array(a).astype(mx.bfloat16), mx.array(b).astype(mx.bfloat16)],
+                                (2, 16, 64)))
     np.testing.assert_array_equal(got[0], np.zeros((16, 64), np.float32))
     np.testing.assert_array_equal(got[1], a @ b.T)
 
 
 def test_missing_wgmma_wait_is_an_error():
-    body = """
-    using namespace mfa;
-    const int tid = int(thread_index_in_threadgroup);
-    const LaneCoord lc = lane_coord(tid);
-    MFA_SHARED(smem, 64 * 64 * 2 + 16 * 72 * 2);
-    MFA_TG T* sb = reinterpret_cast<MFA_TG T*>(smem);
-    MFA_TG T* sa = sb + 64 * 64;
-    Acc<16, 64> c;
-    c.zero();
-    unsigned fa[4][4];
-    BTile<1>::load_a<4>(fa, sa, 72, 0, lc);
-    BTile<1>::issue_abt<4, 64, T>(c.v, fa, sb, 0);
+    body = _WGMMA_ISSUE + """
     out[tid] = 0.0f;
     """
     with pytest.raises(RuntimeError, match="wgmma products never waited"):
-        launch(body, [mx.ones((32,))], (32,), threads=32, arch="cuda", template=[("T", mx.bfloat16)])
+        launch_wgmma(body, [mx.ones((32,))], (32,))
