@@ -193,9 +193,12 @@ def staged_bias_flags(fn):
 
 @pytest.mark.parametrize("shape", [(2, 4, 70, 88), (1, 4, 70, 88)])
 @pytest.mark.parametrize("causal,window", [(False, None), (True, (40, 5))])
-def test_staged_bias_tiles_and_row_by_row_dbias(arch, shape, causal, window):
+@pytest.mark.parametrize("form", ["auto", "split"])
+def test_staged_bias_tiles_and_row_by_row_dbias(arch, monkeypatch, shape, causal, window, form):
     """A bias with every row and key in whole 16-byte rows comes through shared memory (BIAS_TILE) in
-    all three kernels, partial edge tiles included, and dbias is written (or atomically added) row by row."""
+    every kernel, partial edge tiles included, and dbias is written (or atomically added) row by row:
+    by the dq kernel, or (a full bias, $MFA_BWD=auto) by the dk/dv kernel, with dq a matmul of it."""
+    monkeypatch.setenv("MFA_BWD", form)
     dtype = default_dtype(arch)
     q, k, v = random_qkv(2, 4, 2, 70, 88, 64, dtype=dtype, seed=shape[0] + 3 * causal)
     bias = mx.random.normal(shape, key=mx.random.key(shape[0])).astype(dtype)
@@ -206,8 +209,75 @@ def test_staged_bias_tiles_and_row_by_row_dbias(arch, shape, causal, window):
         out, lse = attention.forward("emulator", spec, inputs)
         attention.backward("emulator", spec, inputs, out, lse, out, None)
 
-    assert staged_bias_flags(launches) == {"attention_fwd": 1, "attention_bwd_dq": 1, "attention_bwd_dkdv": 1}
+    expected = {"attention_fwd": 1, "attention_bwd_dkdv": 1}
+    if form == "split" or shape[0] == 1:
+        expected["attention_bwd_dq"] = 1
+    assert staged_bias_flags(launches) == expected
     check(q, k, v, causal, scale=0.125, window=window, bias=bias)
+
+
+def dbias_owners(spec, inputs):
+    """The DBIAS template value of each backward kernel that one backward launches (recorded, not run)."""
+    def run():
+        out, lse = attention.forward("emulator", spec, inputs)
+        attention.backward("emulator", spec, inputs, out, lse, out, None)
+
+    return {name: dict(template)["DBIAS"] for name, template, _, _ in offline.record_cuda_launches(run)
+            if name in ("attention_bwd_dq", "attention_bwd_dkdv")}
+
+
+DQ_FROM_DBIAS_CASES = {
+    "gqa causal, rows of -inf": dict(causal=True, minus_inf_row=True),
+    "window dropout sinks": dict(causal=True, window=(30, 4), dropout_p=0.2, dropout_seed=3, sinks=True),
+    "block-sparse": dict(block_mask=True),
+    "staged, non-causal": dict(causal=False, Nk=88),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DQ_FROM_DBIAS_CASES))
+def test_dq_from_dbias(arch, case):
+    """A full bias (B, H, Nq, Nk): the dk/dv kernel writes dbias (DBIAS 1, per element or staged)
+    and dq = scale · dbias·k is a matmul, no dq kernel; every gradient matches the oracle (with
+    tiles skipped: dbias zero-filled there), and lse's cotangent enters through delta."""
+    kw = dict(DQ_FROM_DBIAS_CASES[case])
+    dtype = default_dtype(arch)
+    Nk = kw.pop("Nk", 90)
+    q, k, v = random_qkv(2, 4, 2, 70, Nk, 64, dtype=dtype, seed=Nk + len(case))
+    bias = mx.random.normal((2, 4, 70, Nk), key=mx.random.key(9))
+    if kw.pop("minus_inf_row", False):
+        bias[:, :, 5] = -mx.inf
+    bias = bias.astype(dtype)
+    sinks = mx.random.normal((4,), key=mx.random.key(8)) if kw.pop("sinks", False) else None
+    if kw.pop("block_mask", False):
+        kw["block_mask"] = BlockMask.from_mask_mod(lambda b, h, i, j: (i // 16 + j // 16) % 3 != 1, 1, 1, 70, Nk,
+                                                   block_size=16)
+    spec = AttentionSpec(scale=64**-0.5, causal=kw.get("causal", False), window=kw.get("window"), has_bias=True,
+                         has_sinks=sinks is not None, block_mask=kw.get("block_mask"),
+                         dropout_p=kw.get("dropout_p", 0.0), dropout_seed=kw.get("dropout_seed", 0))
+    inputs = AttentionInputs(q, k, v, bias, None, sinks, None, None)
+    assert dbias_owners(spec, inputs) == {"attention_bwd_dkdv": attention.DBIAS_ELEMENTS}
+    got = check(q, k, v, kw.pop("causal", False), scale=64**-0.5, bias=bias, sinks=sinks, **kw)
+    assert np.isfinite(np.array(got["dbias"].astype(mx.float32))).all()
+
+
+@pytest.mark.parametrize("form", ["split", "auto"])
+def test_dq_kernel_keeps_dbias_where_dq_is_not_its_matmul(form, monkeypatch):
+    """The dq kernel writes a per-element dbias where dS is not dbias·k's factor (softcap, ALiBi),
+    where dbias is reduced (a bias broadcast over batch), where the dtypes differ, or under
+    $MFA_BWD=split."""
+    monkeypatch.setenv("MFA_BWD", form)
+    q, k, v = random_qkv(2, 4, 2, 70, 90, 64, dtype=mx.bfloat16, seed=1)
+    full = mx.zeros((2, 4, 70, 90), mx.bfloat16)
+    calls = [(AttentionSpec(scale=0.125, has_bias=True, softcap=5.0), full, None),
+             (AttentionSpec(scale=0.125, has_bias=True, has_alibi=True), full, mx.full((4,), 0.1)),
+             (AttentionSpec(scale=0.125, has_bias=True), full[:1], None),
+             (AttentionSpec(scale=0.125, has_bias=True), full.astype(mx.float32), None)]
+    if form == "split":
+        calls.append((AttentionSpec(scale=0.125, has_bias=True), full, None))
+    for spec, bias, slopes in calls:
+        inputs = AttentionInputs(q, k, v, bias, slopes, None, None, None)
+        assert dbias_owners(spec, inputs) == {"attention_bwd_dq": attention.DBIAS_ELEMENTS,
+                                              "attention_bwd_dkdv": 0}, (spec, bias.shape, bias.dtype)
 
 
 @pytest.mark.parametrize("shape,slopes_shape,staged", [((1, 4, 45, 70), (2, 4), False), ((2, 4, 45, 72), (4,), True)])
@@ -542,11 +612,11 @@ def test_register_caps_follow_head_dim_variant_and_mfa_blocks(monkeypatch):
     assert "__global__ void __launch_bounds__(128, 3) f(" in offline.cuda_kernel_source(name, template, ins, outs, "f")
     assert "__launch_bounds__(128, 3)" in sources.launch_bounds((128, 3))
     assert sources.launch_bounds(None) == ""
-    # a staged bias (rows of whole 16-byte chunks) spills under both caps; a key-padding one only
-    # under dq's
-    assert caps(64, (1, 2, 70, 72))[0] == {"attention_fwd": None, "attention_bwd_dq": None, "attention_bwd_dkdv": None}
+    # a staged bias (rows of whole 16-byte chunks; shared by the heads, so the dq kernel reduces
+    # dbias) spills under both caps; a key-padding one only under dq's
+    assert caps(64, (1, 1, 70, 72))[0] == {"attention_fwd": None, "attention_bwd_dq": None, "attention_bwd_dkdv": None}
     assert caps(64, (1, 1, 1, 72))[0] == {"attention_fwd": 4, "attention_bwd_dq": None, "attention_bwd_dkdv": None}
     assert caps(64, dropout_p=0.1, dropout_seed=1)[0]["attention_fwd"] is None
     assert set(caps(128)[0].values()) == {None}
     monkeypatch.setenv("MFA_BLOCKS", "dq=64x64x4x2x2")
-    assert caps(64, (1, 2, 70, 72))[0]["attention_bwd_dq"] == 2
+    assert caps(64, (1, 1, 70, 72))[0]["attention_bwd_dq"] == 2

@@ -48,6 +48,16 @@ def test_staged_bias_and_dbias(target, shape, dtype, window):
     check(q, k, v, False, target=target, window=window, bias=bias)
 
 
+@pytest.mark.parametrize("window", [None, (200, 100)])
+def test_full_bias_dbias_from_the_dq_kernel(target, monkeypatch, window):
+    """$MFA_BWD=split: a full bias's dbias comes from the dq kernel (by default the dk/dv kernel
+    writes it and dq is its matmul with k, as in test_staged_bias_and_dbias)."""
+    monkeypatch.setenv("MFA_BWD", "split")
+    q, k, v = random_qkv(2, 4, 2, 600, 560, 64, dtype=mx.bfloat16, seed=37)
+    bias = mx.random.normal((2, 4, 600, 560), key=mx.random.key(7)).astype(mx.bfloat16)
+    check(q, k, v, True, target=target, window=window, bias=bias)
+
+
 @pytest.mark.parametrize("case", ["causal gqa", "window dropout", "varlen", "block-sparse"])
 def test_fused_dq_backward(target, monkeypatch, case):
     """$MFA_BWD=fused (dq by atomic adds in the dk/dv kernel) at sizes that span many tiles."""

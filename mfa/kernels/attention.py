@@ -94,7 +94,8 @@ class BiasLayout:
     Attributes:
         strides: element strides (b, h, q, k) of the contiguous bias, 0 on broadcast axes.
         mode: DBIAS_ELEMENTS / DBIAS_ROWS (reduced by the dq kernel: the bias has every query
-            row) or DBIAS_KEYS / DBIAS_SCALAR (by the dk/dv kernel: broadcast over rows).
+            row; a full bias's dbias comes from the dk/dv kernel instead where `dq_from_dbias`)
+            or DBIAS_KEYS / DBIAS_SCALAR (by the dk/dv kernel: broadcast over rows).
         unique: every dbias entry has one writer (plain stores in the bias's dtype) rather than
             several (float32 atomic adds).
     """
@@ -299,22 +300,55 @@ def bias_tiles(spec: AttentionSpec, inputs: AttentionInputs, layout: Optional[Bi
     return inputs.q.shape[2] > 1 and (inputs.k.shape[2] * inputs.bias.dtype.size) % 16 == 0
 
 
-def fused_dq(target: str, spec: AttentionSpec, layout: Optional[BiasLayout], tiles: Tiles, d: int,
+def backward_form() -> str:
+    """``$MFA_BWD``: ``auto`` (the default: `dq_from_dbias` where it applies, else ``split``),
+    ``split`` (always the dq kernel, then the dk/dv kernel) or ``fused`` (`fused_dq` where it
+    applies, else ``split``)."""
+    choice = os.environ.get("MFA_BWD", "auto")
+    if choice not in ("auto", "split", "fused"):
+        raise ValueError(f"MFA_BWD={choice!r} must be 'auto', 'split' or 'fused'")
+    return choice
+
+
+def dq_from_dbias(form: str, spec: AttentionSpec, inputs: AttentionInputs, layout: Optional[BiasLayout]) -> bool:
+    """Whether dq comes from dbias as one matmul, ``dq = scale · dbias·k``, so that no dq kernel runs.
+
+    A bias with an entry per score (``(B, H, Nq, Nk)``, nothing broadcast) has dbias = dS, the
+    gradient of the scores, when no softcap sits between them (the bias is added after it).  The
+    dk/dv kernel then writes dbias (DBIAS 1), the preprocess kernel computes delta, and a matmul,
+    which reads dbias once, replaces the dq kernel, which read the bias, wrote dbias and
+    recomputed P and dP: 5 tile products instead of 7, the same memory traffic (H100, bias
+    (2, 16, 4096, 4096), D = 64: backward kernels 2.32 -> 1.78 ms).  dS enters the matmul rounded
+    to dbias's dtype, as it enters the dq kernel's tile product in q's: the two agree where those
+    dtypes do.  Not for ALiBi (the dq kernel reduces its slope gradient) or varlen (its bias is
+    not staged).  ``$MFA_BWD=auto`` only.
+    """
+    return (form == "auto" and layout is not None and layout.mode == DBIAS_ELEMENTS and layout.unique
+            and not spec.softcap and not spec.has_alibi and not spec.varlen and inputs.bias.dtype == inputs.q.dtype)
+
+
+def _dq_of_dbias(dbias: mx.array, k: mx.array, scale: float) -> mx.array:
+    """``scale · dS·k`` for dS = dbias ``(B, H, Nq, Nk)`` and k ``(B, Hkv, Nk, D)``, each group of
+    ``H / Hkv`` query heads against its key head: ``(B, H, Nq, D)``."""
+    B, H, Nq, Nk = dbias.shape
+    Hkv = k.shape[1]
+    dq = dbias.reshape(B, Hkv, H // Hkv, Nq, Nk) @ k[:, :, None]
+    return (dq * scale).reshape(B, H, Nq, k.shape[-1])
+
+
+def fused_dq(form: str, target: str, spec: AttentionSpec, layout: Optional[BiasLayout], tiles: Tiles, d: int,
              dtype: mx.Dtype) -> bool:
     """Whether the dk/dv kernel also computes dq (FUSED_DQ), so that no dq kernel runs.
 
     FlashAttention-2's backward: dS goes through shared memory and each key tile adds its share
     of dq with float32 atomic adds — 5 tile products instead of the split backward's 7, plus the
-    atomics and a float32 dq buffer.  Chosen by ``$MFA_BWD=fused`` (default ``split``: the fused
+    atomics and a float32 dq buffer.  Chosen by ``$MFA_BWD=fused`` (`backward_form`; the fused
     form is not yet measured faster on a GPU).  It needs no gradient the dq kernel reduces (ALiBi
     slopes; a bias with every query row), the query rows of a tile split evenly into whole
     fragments per warp, and the dS tile in the target's shared memory.
     """
-    choice = os.environ.get("MFA_BWD", "split")
-    if choice not in ("split", "fused"):
-        raise ValueError(f"MFA_BWD={choice!r} must be 'split' or 'fused'")
     arch = build.arch_of(target)
-    return (choice == "fused" and not spec.has_alibi and not (layout is not None and layout.mode in DQ_MODES)
+    return (form == "fused" and not spec.has_alibi and not (layout is not None and layout.mode in DQ_MODES)
             and tiles.block_q % (tiles.warps * FRAGMENT_ROWS[arch]) == 0
             and shared_bytes("attention_bwd_dkdv", tiles, d, dtype.size, fused_dq=True) <= SHARED_LIMIT[arch])
 
@@ -434,8 +468,8 @@ def _backward_tiles(arch: str, spec: AttentionSpec, blocks: BlockSizes, override
 def backward(target: str, spec: AttentionSpec, inputs: AttentionInputs, out: mx.array, lse: mx.array,
              dout: mx.array, dlse: Optional[mx.array]) -> AttentionGrads:
     """Attention backward on a native target: the dq kernel (which also computes delta), then the
-    dk/dv kernel; or with FUSED_DQ (`fused_dq`) the preprocess kernel for delta, then the dk/dv
-    kernel, which also adds dq.
+    dk/dv kernel; or the preprocess kernel for delta, then the dk/dv kernel, which also adds dq
+    (FUSED_DQ, `fused_dq`) or writes the dbias that dq is a matmul of (`dq_from_dbias`).
 
     Args:
         target, spec, inputs: as in `forward`.
@@ -472,18 +506,22 @@ def backward(target: str, spec: AttentionSpec, inputs: AttentionInputs, out: mx.
     has_dlse = dlse is not None
     dlse = _nothing() if dlse is None else dlse.astype(mx.float32)
 
-    # dbias: written by the dq kernel (the bias has every query row) or the dk/dv kernel
+    # dbias: written by the dq kernel (the bias has every query row) or the dk/dv kernel (broadcast
+    # over rows; or a full bias whose dbias gives dq, `dq_from_dbias`)
     layout = call.bias_layout
     mode = layout.mode if layout else 0
     dbias_dtype = inputs.bias.dtype if layout and layout.unique else mx.float32
     dbias_shape = tuple(inputs.bias.shape) if layout else (8,)
     skips = spec.has_band or spec.block_mask is not None  # some tiles are never visited
+    form = backward_form()
+    by_dbias = dq_from_dbias(form, spec, inputs, layout)
+    dkdv_modes = DKDV_MODES + ((DBIAS_ELEMENTS,) if by_dbias else ())
     zero_dq = mode in DQ_MODES and not (layout.unique and (mode == DBIAS_ROWS or not skips))
-    zero_dkdv = mode in DKDV_MODES
+    zero_dkdv = mode in DKDV_MODES or (by_dbias and skips)
 
     variants = [call.params, call.fparams, call.slopes, call.bias]
     stage_bias = bias_tiles(spec, inputs, layout)
-    fused = fused_dq(target, spec, layout, dkdv_tiles, d, q.dtype)
+    fused = fused_dq(form, target, spec, layout, dkdv_tiles, d, q.dtype)
 
     def launch_grad(name, t, transposed, modes, ins, grads, extra, heads, zero):
         """One backward kernel on inputs `ins` (then the variants' buffers): its gradients, dbias
@@ -498,7 +536,7 @@ def backward(target: str, spec: AttentionSpec, inputs: AttentionInputs, out: mx.
         return own, results
 
     dq_mode = 0
-    if fused:
+    if fused or by_dbias:
         # delta = rowsum(dout ∘ out) − dlse (no dlse: zero), by the preprocess kernel
         template = [("T", q.dtype), ("D", d), ("NW", 4), ("ROWS", PREPROCESS_ROWS), ("DLSE", int(has_dlse))]
         (delta,) = _launch(target, "attention_bwd_preprocess", template, 128, [out, dout, dlse, call.params],
@@ -512,11 +550,13 @@ def backward(target: str, spec: AttentionSpec, inputs: AttentionInputs, out: mx.
     # FUSED_DQ: dq accumulates in float32 (zero-filled with the kernel's other outputs)
     dq_accum = ((B, H, Nq, d), mx.float32) if fused else ((8,), mx.float32)
     _, (dk, dv, dbias_dkdv, dq_sum) = launch_grad(
-        "attention_bwd_dkdv", dkdv_tiles, True, DKDV_MODES, [q, k, v, dout, lse, delta],
+        "attention_bwd_dkdv", dkdv_tiles, True, dkdv_modes, [q, k, v, dout, lse, delta],
         lambda count: [((B, Hkv, Nk, d), k.dtype), ((B, Hkv, Nk, d), v.dtype)], [dq_accum], Hkv,
         zero_dkdv or fused)
     if fused:
         dq = dq_sum.astype(q.dtype)
+    if by_dbias:
+        dq = _dq_of_dbias(dbias_dkdv, inputs.k, spec.scale).astype(q.dtype)
     if d != D:
         dq, dk = dq[..., :D], dk[..., :D]
     if d != Dv:

@@ -52,8 +52,8 @@ def shared_bytes(kernel: str, t: Tiles, d: int, itemsize: int, bias_itemsize: in
     """Threadgroup memory of a kernel (the SMEM template value; the bodies static_assert it).
 
     ``bias_itemsize``: the bias's element size when its tiles are staged (BIAS_TILE), else 0;
-    ``dbias_itemsize``: the dq kernel also gathers dS tiles (in dbias's type) for contiguous dbias
-    writes, else 0; ``fused_dq``: the dk/dv kernel also computes dq (through a dS tile); ``wg``:
+    ``dbias_itemsize``: the kernel (dq, or dk/dv) also gathers dS tiles (in dbias's type) for
+    contiguous dbias writes, else 0; ``fused_dq``: the dk/dv kernel also computes dq (through a dS tile); ``wg``:
     the kernel's B tiles are wgmma's (WG, see `wgmma`): dk/dv stages start 1024-byte aligned.
     """
     if kernel == "attention_bwd_preprocess":
@@ -61,15 +61,15 @@ def shared_bytes(kernel: str, t: Tiles, d: int, itemsize: int, bias_itemsize: in
     tile = row_stride(d) * itemsize  # bytes of one row of a Q, K, V or dO tile
     bias_tile = t.block_q * (t.block_k * bias_itemsize + 16) if bias_itemsize else 0  # rows padded by 16 bytes
     dq_tile = t.block_q * (t.block_k + 8) * itemsize if fused_dq else 0
+    dbias_tile = t.block_q * (t.block_k * dbias_itemsize + 16) if dbias_itemsize else 0
     if kernel == "attention_bwd_dkdv":  # K, V + stages x (Q, dO, lse and delta rows, the bias tile)
         stage = 2 * t.block_q * tile + 8 * t.block_q + bias_tile
         stage = -(-stage // 1024) * 1024 if wg else stage
-        return 2 * t.block_k * tile + t.stages * stage + dq_tile
+        return 2 * t.block_k * tile + t.stages * stage + dq_tile + dbias_tile
     rows = {
         "attention_fwd": t.block_q + 2 * t.stages * t.block_k,  # Q + stages x (K, V)
         "attention_bwd_dq": 2 * t.block_q + 2 * t.stages * t.block_k,  # Q, dO + stages x (K, V)
     }[kernel]
-    dbias_tile = t.block_q * (t.block_k * dbias_itemsize + 16) if dbias_itemsize else 0
     return rows * tile + t.stages * bias_tile + dbias_tile + dq_tile
 
 

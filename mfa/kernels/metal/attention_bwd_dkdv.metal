@@ -9,14 +9,17 @@
 //   inputs:   q, dout (B, H, NQ, D), k, v (B, HKV, NK, D) in T, lse, delta (B, H, NQ) float32,
 //             params, fparams, slopes, bias, sched, bits as in attention_fwd.metal (sched for
 //             varlen counts key tiles)
-//   outputs:  dk, dv (B, HKV, NK, D) in T; dbias (the bias's shape) in TDB with DBIAS 3 (bias
-//             broadcast over query rows: per key, summed over rows) or 4 (over rows and keys);
+//   outputs:  dk, dv (B, HKV, NK, D) in T; dbias (the bias's shape) in TDB with DBIAS 1 (per
+//             element: dS itself, which then gives dq as one matmul, see attention.dq_from_dbias),
+//             3 (bias broadcast over query rows: per key, summed over rows) or 4 (over rows and keys);
 //             dq_accum (B, H, NQ, D) float32 with FUSED_DQ, zero-filled by the launcher: each work
 //             item adds its share scale · dS_raw·k (then no dq kernel runs)
 //   template: T, D, BQ, BK, NW, STAGES (work items in flight), SMEM, SOFTCAP, ALIBI, BIAS, VARLEN,
 //             SPARSE, DROPOUT, BIAS_TILE, TB (as in attention_fwd.metal; the bias tile of a work
-//             item is staged with its Q and dO), DBIAS (0: none or done by the dq kernel; 3; 4),
-//             TDB (dbias type), FUSED_DQ (1: also dq, by atomic adds; no ALIBI, DBIAS 1 or 2),
+//             item is staged with its Q and dO), DBIAS (0: none or done by the dq kernel; 1; 3; 4;
+//             1 with BIAS_TILE gathers each work item's dS in shared memory and writes it to dbias
+//             row by row, as the dq kernel does),
+//             TDB (dbias type), FUSED_DQ (1: also dq, by atomic adds; no ALIBI),
 //             WG (1: Q and dO are core-matrix B tiles for wgmma, frag_wgmma.h; needs BK/NW = 16)
 //   grid (tiles·32·NW, HKV, B), tiles = ceil(NK/BK) or for varlen (NK + S·(BK − 1)) / BK;
 //   threadgroup (32·NW, 1, 1)
@@ -31,9 +34,12 @@ constexpr int QSTAGE_USED = 2 * BQ * LD * int(sizeof(T)) + 2 * BQ * 4 + BIAS_TIL
 constexpr int QSTAGE = WG ? (QSTAGE_USED + 1023) / 1024 * 1024 : QSTAGE_USED;
 constexpr int QW = BQ / NW;    // FUSED_DQ: query rows per warp of the dq product
 constexpr int LDS = BK + 8;    // FUSED_DQ: padded row stride of the dS tile (query rows x keys)
+constexpr int LDG = BK + 16 / int(sizeof(TDB));  // STAGE_DBIAS: ... of the dS tile in TDB
+constexpr bool STAGE_DBIAS = BIAS_TILE && DBIAS == 1;
 static_assert(WM % kFragRows == 0, "BK/NW must be a multiple of the fragment height");
 static_assert(!FUSED_DQ || QW % kFragRows == 0, "FUSED_DQ needs BQ/NW a multiple of the fragment height");
-static_assert(SMEM >= 2 * BK * LD * int(sizeof(T)) + STAGES * QSTAGE + FUSED_DQ * BQ * LDS * int(sizeof(T)),
+static_assert(SMEM >= 2 * BK * LD * int(sizeof(T)) + STAGES * QSTAGE + FUSED_DQ * BQ * LDS * int(sizeof(T)) +
+                          STAGE_DBIAS * BQ * LDG * int(sizeof(TDB)),
               "SMEM too small");
 
 const int hk = int(threadgroup_position_in_grid.y);
@@ -66,6 +72,7 @@ MFA_TG T* sK = reinterpret_cast<MFA_TG T*>(smem);
 MFA_TG T* sV = sK + BK * LD;
 MFA_TG unsigned char* sStages = smem + 2 * BK * LD * int(sizeof(T));  // STAGES x (Q, dO, lse, delta)
 MFA_TG T* sdS = reinterpret_cast<MFA_TG T*>(sStages + STAGES * QSTAGE);  // FUSED_DQ: dS_raw tile
+MFA_TG TDB* sG = reinterpret_cast<MFA_TG TDB*>(sdS + FUSED_DQ * BQ * LDS);  // STAGE_DBIAS: dS (query, key)
 
 const long kv_base = long(b * HKV + hk) * NK + sg.k_lo + k0;
 copy_tile_async<BK, D, NT>(sK, LD, k + kv_base * D, D, sg.nk - k0, tid);
@@ -165,13 +172,26 @@ for (int w = 1 - STAGES; w < nwork; ++w) {
     }
     const float z = DROPOUT ? drop.factor(sg.q_lo + r, sg.k_lo + j) : 1.0f;
     const float gs = p * (dst.v[i] * z - sDelta[c]);  // dL/d(score)
+    if (STAGE_DBIAS) {
+      if (SOFTCAP) sG[c * LDG + j - k0] = static_cast<TDB>(gs);  // else stored after the loop
+    } else if (DBIAS == 1 && r < sg.nq && j < sg.nk && (dbias_unique || keep)) {
+      dbias_add(dbias, bias_head + long(r) * bias_sq + long(j) * bias_sk, gs, dbias_unique);
+    }
     if (DBIAS == 3 || DBIAS == 4) dbias_keys.v[Acc<WM, BQ>::slot(i)] += gs;
     dst.v[i] = gs * sc.cap_grad(pt.v[i]);
     pt.v[i] = p * z;
   }
 
+  // without softcap dS_raw is dS: its tile goes to sG (query, key) in one transposed store
+  if (STAGE_DBIAS && !SOFTCAP) acc_to_shared_transposed<(WG && sizeof(TDB) == 2) ? 1 : 0>(dst, sG + warp * WM, LDG, lc);
+
   // dv += (Pᵀ ∘ Z)·dout, dk += dS_rawᵀ·q
   mma_ab_b2<WG, BQ>(dv, pt, sdO, dk, dst, sQ, LD, lc);
+  if (STAGE_DBIAS) {
+    mfa_barrier();  // the whole dS tile is in sG
+    dbias_add_tile<BQ, BK, NT>(dbias, bias_head + long(q0) * bias_sq + k0, bias_sq, sG, LDG, sg.nq - q0, sg.nk - k0,
+                               dbias_unique, tid);
+  }
 
   // FUSED_DQ: dq += scale · dS_raw·k over this key tile: dS_raw goes through shared memory as
   // (query row, key), then each warp multiplies its query rows by the K tile and adds them

@@ -156,6 +156,26 @@ struct BTile<1> {
     mfa_fence_regs<4 * (K / 16)>(&fa1[0][0]);
     mfa_fence_regs<4 * (K / 16)>(&fa2[0][0]);
   }
+
+  // dst[c·ld + r] = a(r, c) as T (2-byte; ld and dst 16-byte aligned): stmatrix .trans stores
+  // four 8x8 matrices of the accumulator a lane-row at a time, the 8 rows of a fragment half
+  // becoming 8 consecutive elements of a row of dst.
+  template <typename T, int M, int N>
+  MFA_FUNC static void store_transposed(MFA_THR const Acc<M, N>& a, MFA_TG T* dst, int ld, LaneCoord lc) {
+    static_assert(sizeof(T) == 2 && N % 16 == 0, "stmatrix: 2-byte elements, fragment columns in pairs");
+    const int m = lc.lane / 8, i = lc.lane % 8;  // this lane addresses row i of matrix m
+    MFA_UNROLL
+    for (int fi = 0; fi < M / 16; ++fi) {
+      MFA_UNROLL
+      for (int fj = 0; fj < N / 8; fj += 2) {
+        // matrices: rows 0-7 and 8-15 of fragment (fi, fj), then of (fi, fj + 1)
+        const float* f = a.v + (fi * (N / 8) + fj) * 4;
+        const unsigned r[4] = {mfa_pack2<T>(f[0], f[1]), mfa_pack2<T>(f[2], f[3]), mfa_pack2<T>(f[4], f[5]),
+                               mfa_pack2<T>(f[6], f[7])};
+        mfa_stmatrix_x4_trans(r, dst + (8 * (fj + m / 2) + i) * ld + 16 * fi + 8 * (m % 2));
+      }
+    }
+  }
 };
 
 }  // namespace mfa

@@ -123,6 +123,14 @@ MFA_FUNC void mfa_ldmatrix_x4_trans(unsigned* r, const void* row) {
                : "r"(mfa_smem_addr(row)));
 }
 
+// stmatrix.x4 .trans (sm_90): lanes 8j..8j+7 give the row addresses of 8x8 matrix j (16-byte
+// aligned rows); r[j] holds the ldmatrix layout of matrix j before the transpose, stored transposed.
+MFA_FUNC void mfa_stmatrix_x4_trans(const unsigned* r, void* row) {
+  asm volatile("stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 [%0], {%1,%2,%3,%4};\n" ::"r"(mfa_smem_addr(row)),
+               "r"(r[0]), "r"(r[1]), "r"(r[2]), "r"(r[3])
+               : "memory");
+}
+
 // wgmma (sm_90a), issued by the 4 warps of a warpgroup together: this warp's 16 x 64 slice of the
 // warpgroup's 64 x 64 float32 accumulator (the mma.sync m16n8 layout, 8 fragments side by side)
 // += A (this warp's 16 x 16 rows, the mma.sync A fragment in registers) · B (16 x 64, shared

@@ -160,6 +160,12 @@ struct BTile<0> {
     mfa::mma_ab<K, 0>(c1, p1, b1, ld, lc);
     mfa::mma_ab<K, 0>(c2, p2, b2, ld, lc);
   }
+  // dst[c·ld + r] = a(r, c) as T: the transpose of this warp's accumulator, element by element.
+  template <typename T, int M, int N>
+  MFA_FUNC static void store_transposed(MFA_THR const Acc<M, N>& a, MFA_TG T* dst, int ld, LaneCoord lc) {
+    MFA_UNROLL
+    for (int i = 0; i < Acc<M, N>::SIZE; ++i) dst[Acc<M, N>::col(lc, i) * ld + Acc<M, N>::row(lc, i)] = static_cast<T>(a.v[i]);
+  }
 };
 
 // The kernels' entry points to BTile<WG> (free functions, so that calls need no `template`
@@ -185,6 +191,11 @@ template <int WG, int K, int M, int N, typename T>
 MFA_FUNC void mma_abt_b2(MFA_THR Acc<M, N>& c1, MFA_TG const T* a1, MFA_TG const T* b1, MFA_THR Acc<M, N>& c2,
                          MFA_TG const T* a2, MFA_TG const T* b2, int ld, LaneCoord lc) {
   BTile<WG>::template mma_abt2<K>(c1, a1, b1, c2, a2, b2, ld, lc);
+}
+// dst[c·ld + r] = a(r, c) as T, for this warp's accumulator (BTile<1>: by stmatrix; T 16-bit there).
+template <int WG, typename T, int M, int N>
+MFA_FUNC void acc_to_shared_transposed(MFA_THR const Acc<M, N>& a, MFA_TG T* dst, int ld, LaneCoord lc) {
+  BTile<WG>::store_transposed(a, dst, ld, lc);
 }
 // c1 += p1·b1 and c2 += p2·b2: two independent products of accumulators by B tiles.
 template <int WG, int K, int M, int N, typename T>

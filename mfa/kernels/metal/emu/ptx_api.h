@@ -88,6 +88,19 @@ inline void mfa_ldmatrix_x4_trans(unsigned* r, const void* row) {
   }
 }
 
+// stmatrix.sync.aligned.m8n8.x4.trans.shared.b16: lanes 8j..8j+7 give the row addresses of
+// matrix j; r[j] of lane t holds (row t/4, columns 2(t%4) and 2(t%4)+1) of matrix j, which land
+// transposed: at rows 2(t%4) and 2(t%4)+1, column t/4.
+inline void mfa_stmatrix_x4_trans(const unsigned* r, void* row) {
+  emu::Lanes<void*> rows = emu::warp_exchange(row);
+  int t = emu::lane_id();
+  for (int j = 0; j < 4; ++j) {
+    const uint16_t lo = uint16_t(r[j] & 0xFFFFu), hi = uint16_t(r[j] >> 16);
+    std::memcpy(static_cast<unsigned char*>(rows[8 * j + 2 * (t % 4)]) + 2 * (t / 4), &lo, 2);
+    std::memcpy(static_cast<unsigned char*>(rows[8 * j + 2 * (t % 4) + 1]) + 2 * (t / 4), &hi, 2);
+  }
+}
+
 // wgmma.mma_async m64n64k16 with A in registers, one warp's share: rows 16w .. 16w+15 of the
 // warpgroup's product are this warp's, so the warp computes them alone.  Asynchronous as on the
 // GPU: the A registers are read at the issue, the product (reading B from shared memory and the

@@ -369,6 +369,7 @@ inline void run_group(Group& g) {
     f.collective = 0;
     f.pending.clear();
     f.group_ends.clear();
+    f.wgmma_pending.clear();
     fiber_init(f);
   }
   while (g.launch->error.empty()) {
