@@ -216,6 +216,23 @@ def test_staged_bias_tiles_and_row_by_row_dbias(arch, monkeypatch, shape, causal
     check(q, k, v, causal, scale=0.125, window=window, bias=bias)
 
 
+@pytest.mark.parametrize("case", ["per-batch block mask", "dense"])
+def test_batch_shared_bias_sums_dbias_in_place(arch, case):
+    """A bias (1, H, Nq, Nk) with B = 3: each dq threadgroup runs the 3 batch rows in turn and sums
+    their dS into its dbias entries (no atomic adds), over per-batch block-sparse lists too (dbias
+    zero-filled, entries visited in some rows only)."""
+    layout = attention.BiasLayout.of((1, 4, 70, 90), 3, 4, 2, 70, 90)
+    assert layout.batch_summed and not layout.unique
+    dtype = default_dtype(arch)
+    q, k, v = random_qkv(3, 4, 2, 70, 90, 64, dtype=dtype, seed=13)
+    bias = mx.random.normal((1, 4, 70, 90), key=mx.random.key(14)).astype(dtype)
+    kw = {}
+    if case == "per-batch block mask":
+        kw["block_mask"] = BlockMask.from_mask_mod(lambda b, h, i, j: (i // 16 + j // 16 + b) % 3 != 1, 3, 1, 70, 90,
+                                                   block_size=16)
+    check(q, k, v, False, bias=bias, **kw)
+
+
 def dbias_owners(spec, inputs):
     """The DBIAS template value of each backward kernel that one backward launches (recorded, not run)."""
     def run():

@@ -81,6 +81,11 @@ def band_bounds(causal: bool, window: Optional[Tuple[int, int]]) -> Tuple[int, i
     return left, right
 
 
+def skips_tiles(spec: AttentionSpec) -> bool:
+    """Whether some (query tile, key tile) pairs are never visited (a band or a block mask)."""
+    return spec.has_band or spec.block_mask is not None
+
+
 def _int32(x: int) -> int:
     """The int32 with the bit pattern of ``x mod 2^32``."""
     x &= 0xFFFFFFFF
@@ -98,11 +103,15 @@ class BiasLayout:
             or DBIAS_KEYS / DBIAS_SCALAR (by the dk/dv kernel: broadcast over rows).
         unique: every dbias entry has one writer (plain stores in the bias's dtype) rather than
             several (float32 atomic adds).
+        batch_summed: a per-element dbias (DBIAS_ELEMENTS) shared by the batch but not by the
+            heads, ``(1, H, Nq, Nk)`` with B > 1: each dq threadgroup runs every batch row and sums
+            their dS into its own entries in place (float32, no atomic adds).
     """
 
     strides: Tuple[int, int, int, int]
     mode: int
     unique: bool
+    batch_summed: bool = False
 
     @staticmethod
     def of(shape, B: int, H: int, Hkv: int, Nq: int, Nk: int) -> "BiasLayout":
@@ -116,7 +125,8 @@ class BiasLayout:
             mode = DBIAS_KEYS if keys else DBIAS_SCALAR
             # a dk/dv threadgroup sums the heads of its group: alone only with one key/value head
             unique = mode == DBIAS_KEYS and Bb == B and (Hb == H or Hkv == 1)
-        return BiasLayout(strides, mode, unique)
+        batch_summed = mode == DBIAS_ELEMENTS and Bb == 1 < B and Hb == H
+        return BiasLayout(strides, mode, unique, batch_summed)
 
 
 @dataclasses.dataclass
@@ -160,9 +170,12 @@ class Call:
         mask_b, mask_h = mask.active.shape[:2] if mask is not None else (1, 1)
         num_seqs = cu_len - 1 if spec.varlen else 0
         threshold = round(spec.dropout_p * (1 << 24))  # as mfa/ops/dropout.py
+        batch_loop = B if layout is not None and layout.batch_summed else 0
+        zeroed = int(bool(batch_loop) and skips_tiles(spec))  # `backward` zero-fills dbias then
         params = _constant((H, Hkv, Nq, Nk, *band_bounds(spec.causal, spec.window), int(has_sinks),
                             int(per_row), threshold, _int32(spec.dropout_seed), *strides,
-                            int(bool(layout and layout.unique)), num_seqs, mask_b, mask_h), mx.int32)
+                            int(bool(layout and layout.unique)), num_seqs, mask_b, mask_h, batch_loop, zeroed),
+                           mx.int32)
         cap = [spec.softcap * LOG2E, spec.scale / spec.softcap] if spec.softcap else [0.0, 0.0]
         keep = 1.0 / (1.0 - spec.dropout_p)
         fparams = _constant((spec.scale * LOG2E, spec.scale, *cap, keep, 0.0, 0.0, 0.0), mx.float32)
@@ -512,27 +525,31 @@ def backward(target: str, spec: AttentionSpec, inputs: AttentionInputs, out: mx.
     mode = layout.mode if layout else 0
     dbias_dtype = inputs.bias.dtype if layout and layout.unique else mx.float32
     dbias_shape = tuple(inputs.bias.shape) if layout else (8,)
-    skips = spec.has_band or spec.block_mask is not None  # some tiles are never visited
+    skips = skips_tiles(spec)
     form = backward_form()
     by_dbias = dq_from_dbias(form, spec, inputs, layout)
     dkdv_modes = DKDV_MODES + ((DBIAS_ELEMENTS,) if by_dbias else ())
-    zero_dq = mode in DQ_MODES and not (layout.unique and (mode == DBIAS_ROWS or not skips))
+    # one writer per dbias entry (stores, or a batch summed in place): zero-filled only where
+    # tiles are skipped, or for a per-row dbias (each row is written once)
+    owned = layout is not None and (layout.unique or layout.batch_summed)
+    zero_dq = mode in DQ_MODES and not (owned and (mode == DBIAS_ROWS or not skips))
     zero_dkdv = mode in DKDV_MODES or (by_dbias and skips)
 
     variants = [call.params, call.fparams, call.slopes, call.bias]
     stage_bias = bias_tiles(spec, inputs, layout)
     fused = fused_dq(form, target, spec, layout, dkdv_tiles, d, q.dtype)
 
-    def launch_grad(name, t, transposed, modes, ins, grads, extra, heads, zero):
+    def launch_grad(name, t, transposed, modes, ins, grads, extra, heads, zero, batches=B):
         """One backward kernel on inputs `ins` (then the variants' buffers): its gradients, dbias
-        (when this kernel owns the bias's reduction), then the `extra` outputs."""
+        (when this kernel owns the bias's reduction), then the `extra` outputs; a grid of
+        `batches` batch rows."""
         sched, bits, count = _schedule(spec, inputs, t, transposed=transposed)
         own = mode if mode in modes else 0
         dbias_out = (dbias_shape, dbias_dtype) if own else ((8,), mx.float32)
         template = _template(target, name, t, q.dtype, d, spec, call.bias.dtype, stage_bias, own, dbias_out[1],
                              fused=fused, dlse=has_dlse)
         results = _launch(target, name, template, t.threads, [*ins, *variants, sched, bits],
-                          [*grads(count), dbias_out, *extra], (count, heads, B), zero_outputs=zero)
+                          [*grads(count), dbias_out, *extra], (count, heads, batches), zero_outputs=zero)
         return own, results
 
     dq_mode = 0
@@ -546,7 +563,7 @@ def backward(target: str, spec: AttentionSpec, inputs: AttentionInputs, out: mx.
         dq_mode, (dq, delta, slope_part, dbias_dq) = launch_grad(
             "attention_bwd_dq", dq_tiles, False, DQ_MODES, [q, k, v, dout, lse, out, dlse],
             lambda count: [((B, H, Nq, d), q.dtype), ((B, H, Nq), mx.float32), ((B, H, count), mx.float32)], [], H,
-            zero_dq)
+            zero_dq, 1 if layout is not None and layout.batch_summed else B)  # batch_summed: rows in-kernel
     # FUSED_DQ: dq accumulates in float32 (zero-filled with the kernel's other outputs)
     dq_accum = ((B, H, Nq, d), mx.float32) if fused else ((8,), mx.float32)
     _, (dk, dv, dbias_dkdv, dq_sum) = launch_grad(

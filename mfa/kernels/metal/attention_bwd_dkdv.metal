@@ -32,12 +32,14 @@ constexpr int LDB = BK + 16 / int(sizeof(TB));  // padded row stride of a staged
 // as the swizzled B tiles need
 constexpr int QSTAGE_USED = 2 * BQ * LD * int(sizeof(T)) + 2 * BQ * 4 + BIAS_TILE * BQ * LDB * int(sizeof(TB));
 constexpr int QSTAGE = WG ? (QSTAGE_USED + 1023) / 1024 * 1024 : QSTAGE_USED;
-constexpr int QW = BQ / NW;    // FUSED_DQ: query rows per warp of the dq product
+// FUSED_DQ: query rows per warp of the dq product (without it, one fragment's rows: the product
+// is compiled but never runs, and BQ/NW may be smaller)
+constexpr int QW = FUSED_DQ ? BQ / NW : kFragRows;
 constexpr int LDS = BK + 8;    // FUSED_DQ: padded row stride of the dS tile (query rows x keys)
 constexpr int LDG = BK + 16 / int(sizeof(TDB));  // STAGE_DBIAS: ... of the dS tile in TDB
 constexpr bool STAGE_DBIAS = BIAS_TILE && DBIAS == 1;
 static_assert(WM % kFragRows == 0, "BK/NW must be a multiple of the fragment height");
-static_assert(!FUSED_DQ || QW % kFragRows == 0, "FUSED_DQ needs BQ/NW a multiple of the fragment height");
+static_assert(QW % kFragRows == 0, "FUSED_DQ needs BQ/NW a multiple of the fragment height");
 static_assert(SMEM >= 2 * BK * LD * int(sizeof(T)) + STAGES * QSTAGE + FUSED_DQ * BQ * LDS * int(sizeof(T)) +
                           STAGE_DBIAS * BQ * LDG * int(sizeof(TDB)),
               "SMEM too small");
@@ -64,7 +66,7 @@ const int k0 = (SPARSE ? TileList<3>::ordered(sched, mask_lists, nkt, mask_row, 
 const int k1 = k0 + BK < sg.nk ? k0 + BK : sg.nk;
 const int group = H / HKV;
 const int bias_sq = params[kBiasStrideQ], bias_sk = params[kBiasStrideK];
-const bool dbias_unique = params[kBiasUnique] != 0;
+const int dbias_write_kind = params[kBiasUnique] != 0 ? kDbiasStore : kDbiasAtomic;
 const bool dbias_per_head = params[kBiasStrideH] != 0;
 
 MFA_SHARED(smem, SMEM);
@@ -174,8 +176,8 @@ for (int w = 1 - STAGES; w < nwork; ++w) {
     const float gs = p * (dst.v[i] * z - sDelta[c]);  // dL/d(score)
     if (STAGE_DBIAS) {
       if (SOFTCAP) sG[c * LDG + j - k0] = static_cast<TDB>(gs);  // else stored after the loop
-    } else if (DBIAS == 1 && r < sg.nq && j < sg.nk && (dbias_unique || keep)) {
-      dbias_add(dbias, bias_head + long(r) * bias_sq + long(j) * bias_sk, gs, dbias_unique);
+    } else if (DBIAS == 1 && r < sg.nq && j < sg.nk && (dbias_write_kind == kDbiasStore || keep)) {
+      dbias_add(dbias, bias_head + long(r) * bias_sq + long(j) * bias_sk, gs, dbias_write_kind);
     }
     if (DBIAS == 3 || DBIAS == 4) dbias_keys.v[Acc<WM, BQ>::slot(i)] += gs;
     dst.v[i] = gs * sc.cap_grad(pt.v[i]);
@@ -190,7 +192,7 @@ for (int w = 1 - STAGES; w < nwork; ++w) {
   if (STAGE_DBIAS) {
     mfa_barrier();  // the whole dS tile is in sG
     dbias_add_tile<BQ, BK, NT>(dbias, bias_head + long(q0) * bias_sq + k0, bias_sq, sG, LDG, sg.nq - q0, sg.nk - k0,
-                               dbias_unique, tid);
+                               dbias_write_kind, tid);
   }
 
   // FUSED_DQ: dq += scale · dS_raw·k over this key tile: dS_raw goes through shared memory as
@@ -221,7 +223,7 @@ for (int w = 1 - STAGES; w < nwork; ++w) {
       MFA_UNROLL
       for (int s = 0; s < RowVec<WM>::SIZE; ++s) {
         const int j = key0 + RowVec<WM>::row(lc, s);
-        if (j < sg.nk) dbias_add(dbias, bias_head + long(j) * bias_sk, dbias_keys.v[s], dbias_unique);
+        if (j < sg.nk) dbias_add(dbias, bias_head + long(j) * bias_sk, dbias_keys.v[s], dbias_write_kind);
       }
     }
     if (DBIAS == 4) {
@@ -232,7 +234,7 @@ for (int w = 1 - STAGES; w < nwork; ++w) {
         for (int s = 0; s < RowVec<WM>::SIZE; ++s) total += dbias_keys.v[s];
       }
       for (int m = 16; m > 0; m /= 2) total += mfa_shfl_xor(total, m);
-      if (tid % 32 == 0) dbias_add(dbias, bias_head, total, false);
+      if (tid % 32 == 0) dbias_add(dbias, bias_head, total, kDbiasAtomic);
     }
     MFA_UNROLL
     for (int s = 0; s < RowVec<WM>::SIZE; ++s) dbias_keys.v[s] = 0.0f;

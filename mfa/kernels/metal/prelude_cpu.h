@@ -37,6 +37,7 @@ typedef emu::f16 half;
 #define MFA_INF INFINITY
 
 MFA_FUNC void mfa_barrier() { emu::group_barrier(); }
+MFA_FUNC void mfa_barrier_device() { emu::group_barrier(); }
 
 MFA_FUNC float mfa_shfl_xor(float v, int mask) {
   emu::Lanes<float> lanes = emu::warp_exchange(v);

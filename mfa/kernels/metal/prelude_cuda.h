@@ -17,6 +17,8 @@
 #define thread_index_in_threadgroup threadIdx.x
 
 MFA_FUNC void mfa_barrier() { __syncthreads(); }
+// A barrier after which the threadgroup's writes to device memory are visible to all its threads.
+MFA_FUNC void mfa_barrier_device() { __syncthreads(); }
 
 MFA_FUNC float mfa_shfl_xor(float v, int mask) { return __shfl_xor_sync(0xffffffffu, v, mask); }
 

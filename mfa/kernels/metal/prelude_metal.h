@@ -16,6 +16,8 @@ using namespace metal;
 #define MFA_INF INFINITY
 
 MFA_FUNC void mfa_barrier() { threadgroup_barrier(mem_flags::mem_threadgroup); }
+// A barrier after which the threadgroup's writes to device memory are visible to all its threads.
+MFA_FUNC void mfa_barrier_device() { threadgroup_barrier(mem_flags::mem_device | mem_flags::mem_threadgroup); }
 
 MFA_FUNC float mfa_shfl_xor(float v, int mask) { return simd_shuffle_xor(v, ushort(mask)); }
 

@@ -164,7 +164,8 @@ struct BTile<0> {
   template <typename T, int M, int N>
   MFA_FUNC static void store_transposed(MFA_THR const Acc<M, N>& a, MFA_TG T* dst, int ld, LaneCoord lc) {
     MFA_UNROLL
-    for (int i = 0; i < Acc<M, N>::SIZE; ++i) dst[Acc<M, N>::col(lc, i) * ld + Acc<M, N>::row(lc, i)] = static_cast<T>(a.v[i]);
+    for (int i = 0; i < Acc<M, N>::SIZE; ++i)
+      dst[Acc<M, N>::col(lc, i) * ld + Acc<M, N>::row(lc, i)] = static_cast<T>(a.v[i]);
   }
 };
 

@@ -25,8 +25,27 @@ enum Param : int {
   kNumSeqs,        // varlen: S sequences
   kMaskB,          // block-sparse: the mask's batch and head extents (1 or B, 1 or H)
   kMaskH,
+  kBatchLoop,      // B when each dq threadgroup runs every batch row (a bias shared by the batch
+                   // with a per-element dbias: the rows' dS are summed in place), else 0
+  kBiasZeroed,     // dbias was zero-filled by the launcher (tiles that are never visited)
   kNumParams
 };
+
+// How a threadgroup's share of dS reaches dbias.
+enum DbiasWrite : int {
+  kDbiasAtomic = 0,  // float32 atomic adds: other threadgroups write the same entries
+  kDbiasStore,       // plain stores: this threadgroup is each entry's only writer
+  kDbiasAdd,         // float32 read, add, write: the only writer, a batch row after the first
+};
+
+// The write of batch row b's dS: stores where each entry has one writer; in a batch loop
+// (kBatchLoop), stores for the first row (adds when dbias was zero-filled) and adds for the rest;
+// else atomic adds.
+MFA_FUNC int dbias_write(MFA_DEV const int* params, int b) {
+  if (params[kBiasUnique] != 0) return kDbiasStore;
+  if (params[kBatchLoop] == 0) return kDbiasAtomic;
+  return b == 0 && params[kBiasZeroed] == 0 ? kDbiasStore : kDbiasAdd;
+}
 
 // One sequence of the call, in local coordinates: query rows [0, nq) are rows q_lo.. of the
 // packed arrays, keys [0, nk) are rows k_lo..; `tile` is this threadgroup's tile in it.
@@ -153,32 +172,58 @@ MFA_FUNC void reduce_rows(MFA_THR RowVec<M>& v) {
   }
 }
 
-// Add `value` to dbias entry `i`: a plain store when this thread is its only writer, else an
+// Add `value` to dbias entry `i` as `write` (DbiasWrite) says: a plain store, an in-place add or an
 // atomic add into the float32 buffer.
 template <typename TDB>
-MFA_FUNC void dbias_add(MFA_DEV TDB* dbias, long i, float value, bool unique) {
-  if (unique) dbias[i] = static_cast<TDB>(value);
+MFA_FUNC void dbias_add(MFA_DEV TDB* dbias, long i, float value, int write) {
+  if (write == kDbiasStore) dbias[i] = static_cast<TDB>(value);
+  else if (write == kDbiasAdd) reinterpret_cast<MFA_DEV float*>(dbias)[i] += value;
   else mfa_atomic_add(reinterpret_cast<MFA_DEV float*>(dbias) + i, value);
 }
 
 // Add a ROWS x COLS tile of threadgroup memory (TDB, row stride lds) to dbias: entry (r, c) goes
-// to dbias[at + r·ld + c] for r < rows_valid, c < cols_valid (a multiple of 16 bytes).  One
-// writer per entry: whole 16-byte row chunks; else float32 atomic adds (zeros skipped), with
-// consecutive threads on consecutive entries (not unrolled: that would keep every step's
-// address and value live at once).
+// to dbias[at + r·ld + c] for r < rows_valid, c < cols_valid (a multiple of 16 bytes), as `write`
+// (DbiasWrite) says.  Stores: whole 16-byte row chunks; in-place adds (float32 dbias): 16-byte
+// chunks; atomic adds: entry by entry (zeros skipped), consecutive threads on consecutive entries
+// (not unrolled: that would keep every step's address and value live at once).
 template <int ROWS, int COLS, int NT, typename TDB>
 MFA_FUNC void dbias_add_tile(MFA_DEV TDB* dbias, long at, int ld, MFA_TG const TDB* src, int lds,
-                             int rows_valid, int cols_valid, bool unique, int tid) {
-  if (unique) {
+                             int rows_valid, int cols_valid, int write, int tid) {
+  if (write == kDbiasStore) {
     store_tile<ROWS, COLS, NT>(dbias + at, ld, src, lds, rows_valid, tid, cols_valid);
+    return;
+  }
+  if (write == kDbiasAdd) {
+    // in place, a 16-byte chunk per step, every step's read issued before the first add (one
+    // memory latency per tile, not one per entry)
+    typedef Chunks<ROWS, COLS, NT, float> C;
+    MFA_DEV float* base = reinterpret_cast<MFA_DEV float*>(dbias) + at;
+    float old[C::STEPS][4];
+    MFA_UNROLL
+    for (int step = 0; step < C::STEPS; ++step) {
+      int r, e;
+      const bool valid = C::at(step, tid, r, e) && r < rows_valid && e < cols_valid;
+      MFA_UNROLL
+      for (int u = 0; u < 4; ++u) old[step][u] = valid ? base[long(r) * ld + e + u] : 0.0f;
+    }
+    MFA_UNROLL
+    for (int step = 0; step < C::STEPS; ++step) {
+      int r, e;
+      if (!(C::at(step, tid, r, e) && r < rows_valid && e < cols_valid)) continue;
+      MFA_UNROLL
+      for (int u = 0; u < 4; ++u) base[long(r) * ld + e + u] = old[step][u] + float(src[r * lds + e + u]);
+    }
     return;
   }
   MFA_NO_UNROLL
   for (int e = tid; e < ROWS * COLS; e += NT) {
     const int r = e / COLS, c = e % COLS;
     const float value = float(src[r * lds + c]);
-    if (r < rows_valid && c < cols_valid && value != 0.0f)
-      mfa_atomic_add(reinterpret_cast<MFA_DEV float*>(dbias) + at + long(r) * ld + c, value);
+    if (r < rows_valid && c < cols_valid && value != 0.0f) {
+      MFA_DEV float* entry = reinterpret_cast<MFA_DEV float*>(dbias) + at + long(r) * ld + c;
+      if (write == kDbiasAdd) *entry += value;
+      else mfa_atomic_add(entry, value);
+    }
   }
 }
 

@@ -36,6 +36,7 @@ struct vec {
 };
 
 enum class mem_flags { mem_none = 0, mem_device = 1, mem_threadgroup = 2, mem_texture = 4 };
+inline mem_flags operator|(mem_flags a, mem_flags b) { return mem_flags(int(a) | int(b)); }
 
 inline void threadgroup_barrier(mem_flags) { emu::group_barrier(); }
 inline void simdgroup_barrier(mem_flags) { emu::warp_barrier(); }
