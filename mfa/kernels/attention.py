@@ -81,6 +81,15 @@ def band_bounds(causal: bool, window: Optional[Tuple[int, int]]) -> Tuple[int, i
     return left, right
 
 
+def batch_total(spec: AttentionSpec, layout: Optional[BiasLayout]) -> bool:
+    """Whether a batch-summed dbias (`BiasLayout.batch_summed`) comes out of the dq kernel in the
+    bias's dtype (dbias_total, written by the last batch row: no float32 sums to cast after).  Not
+    with a block mask that differs per batch row, whose last row may skip entries that others
+    visit."""
+    mask = spec.block_mask
+    return layout is not None and layout.batch_summed and (mask is None or mask.active.shape[0] == 1)
+
+
 def skips_tiles(spec: AttentionSpec) -> bool:
     """Whether some (query tile, key tile) pairs are never visited (a band or a block mask)."""
     return spec.has_band or spec.block_mask is not None
@@ -172,10 +181,11 @@ class Call:
         threshold = round(spec.dropout_p * (1 << 24))  # as mfa/ops/dropout.py
         batch_loop = B if layout is not None and layout.batch_summed else 0
         zeroed = int(bool(batch_loop) and skips_tiles(spec))  # `backward` zero-fills dbias then
+        total = int(batch_total(spec, layout))
         params = _constant((H, Hkv, Nq, Nk, *band_bounds(spec.causal, spec.window), int(has_sinks),
                             int(per_row), threshold, _int32(spec.dropout_seed), *strides,
-                            int(bool(layout and layout.unique)), num_seqs, mask_b, mask_h, batch_loop, zeroed),
-                           mx.int32)
+                            int(bool(layout and layout.unique)), num_seqs, mask_b, mask_h, batch_loop, zeroed,
+                            total), mx.int32)
         cap = [spec.softcap * LOG2E, spec.scale / spec.softcap] if spec.softcap else [0.0, 0.0]
         keep = 1.0 / (1.0 - spec.dropout_p)
         fparams = _constant((spec.scale * LOG2E, spec.scale, *cap, keep, 0.0, 0.0, 0.0), mx.float32)
@@ -560,10 +570,13 @@ def backward(target: str, spec: AttentionSpec, inputs: AttentionInputs, out: mx.
                            [((B, H, Nq), mx.float32)], (-(-Nq // PREPROCESS_ROWS), H, B))
     else:
         # dq, and delta for the dk/dv kernel
-        dq_mode, (dq, delta, slope_part, dbias_dq) = launch_grad(
+        # a batch-summed dbias: the rows run in each threadgroup, the last one writes dbias_total
+        summed = layout is not None and layout.batch_summed
+        total_out = (dbias_shape, inputs.bias.dtype) if batch_total(spec, layout) else ((8,), mx.float32)
+        dq_mode, (dq, delta, slope_part, dbias_dq, dbias_total) = launch_grad(
             "attention_bwd_dq", dq_tiles, False, DQ_MODES, [q, k, v, dout, lse, out, dlse],
-            lambda count: [((B, H, Nq, d), q.dtype), ((B, H, Nq), mx.float32), ((B, H, count), mx.float32)], [], H,
-            zero_dq, 1 if layout is not None and layout.batch_summed else B)  # batch_summed: rows in-kernel
+            lambda count: [((B, H, Nq, d), q.dtype), ((B, H, Nq), mx.float32), ((B, H, count), mx.float32)],
+            [total_out], H, zero_dq, 1 if summed else B)
     # FUSED_DQ: dq accumulates in float32 (zero-filled with the kernel's other outputs)
     dq_accum = ((B, H, Nq, d), mx.float32) if fused else ((8,), mx.float32)
     _, (dk, dv, dbias_dkdv, dq_sum) = launch_grad(
@@ -578,7 +591,9 @@ def backward(target: str, spec: AttentionSpec, inputs: AttentionInputs, out: mx.
         dq, dk = dq[..., :D], dk[..., :D]
     if d != Dv:
         dv = dv[..., :Dv]
-    if dbias is not None:
+    if dbias is not None and dq_mode and batch_total(spec, layout):
+        dbias = dbias_total
+    elif dbias is not None:
         dbias = (dbias_dq if dq_mode else dbias_dkdv).astype(inputs.bias.dtype)
     if dslopes is not None:
         # dL/dslope = Σ dS·(−|j − i'|), summed per query tile in the dq kernel

@@ -17,7 +17,7 @@ IO = {
     "attention_fwd": (["q", "k", "v", "params", "fparams", "sinks", "slopes", *_VARIANTS], ["out", "lse"]),
     "attention_bwd_preprocess": (["out", "dout", "dlse", "params"], ["delta"]),
     "attention_bwd_dq": (["q", "k", "v", "dout", "lse", "out", "dlse", "params", "fparams", "slopes", *_VARIANTS],
-                         ["dq_out", "delta", "dslopes_part", "dbias"]),
+                         ["dq_out", "delta", "dslopes_part", "dbias", "dbias_total"]),
     "attention_bwd_dkdv": (["q", "k", "v", "dout", "lse", "delta", "params", "fparams", "slopes", *_VARIANTS],
                            ["dk_out", "dv_out", "dbias", "dq_accum"]),
 }

@@ -176,8 +176,8 @@ for (int w = 1 - STAGES; w < nwork; ++w) {
     const float gs = p * (dst.v[i] * z - sDelta[c]);  // dL/d(score)
     if (STAGE_DBIAS) {
       if (SOFTCAP) sG[c * LDG + j - k0] = static_cast<TDB>(gs);  // else stored after the loop
-    } else if (DBIAS == 1 && r < sg.nq && j < sg.nk && (dbias_write_kind == kDbiasStore || keep)) {
-      dbias_add(dbias, bias_head + long(r) * bias_sq + long(j) * bias_sk, gs, dbias_write_kind);
+    } else if (DBIAS == 1 && r < sg.nq && j < sg.nk && (dbias_writes_all(dbias_write_kind) || keep)) {
+      dbias_add(dbias, bias_head + long(r) * bias_sq + long(j) * bias_sk, gs, dbias_write_kind, dbias);
     }
     if (DBIAS == 3 || DBIAS == 4) dbias_keys.v[Acc<WM, BQ>::slot(i)] += gs;
     dst.v[i] = gs * sc.cap_grad(pt.v[i]);
@@ -192,7 +192,7 @@ for (int w = 1 - STAGES; w < nwork; ++w) {
   if (STAGE_DBIAS) {
     mfa_barrier();  // the whole dS tile is in sG
     dbias_add_tile<BQ, BK, NT>(dbias, bias_head + long(q0) * bias_sq + k0, bias_sq, sG, LDG, sg.nq - q0, sg.nk - k0,
-                               dbias_write_kind, tid);
+                               dbias_write_kind, dbias, tid);
   }
 
   // FUSED_DQ: dq += scale · dS_raw·k over this key tile: dS_raw goes through shared memory as
@@ -223,7 +223,7 @@ for (int w = 1 - STAGES; w < nwork; ++w) {
       MFA_UNROLL
       for (int s = 0; s < RowVec<WM>::SIZE; ++s) {
         const int j = key0 + RowVec<WM>::row(lc, s);
-        if (j < sg.nk) dbias_add(dbias, bias_head + long(j) * bias_sk, dbias_keys.v[s], dbias_write_kind);
+        if (j < sg.nk) dbias_add(dbias, bias_head + long(j) * bias_sk, dbias_keys.v[s], dbias_write_kind, dbias);
       }
     }
     if (DBIAS == 4) {
@@ -234,7 +234,7 @@ for (int w = 1 - STAGES; w < nwork; ++w) {
         for (int s = 0; s < RowVec<WM>::SIZE; ++s) total += dbias_keys.v[s];
       }
       for (int m = 16; m > 0; m /= 2) total += mfa_shfl_xor(total, m);
-      if (tid % 32 == 0) dbias_add(dbias, bias_head, total, kDbiasAtomic);
+      if (tid % 32 == 0) dbias_add(dbias, bias_head, total, kDbiasAtomic, dbias);
     }
     MFA_UNROLL
     for (int s = 0; s < RowVec<WM>::SIZE; ++s) dbias_keys.v[s] = 0.0f;

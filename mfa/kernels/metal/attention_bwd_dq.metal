@@ -14,7 +14,8 @@
 //   outputs:  dq (B, H, NQ, D) in T; delta (B, H, NQ) float32; dslopes_part (B, H, tiles)
 //             float32 with ALIBI: this tile's share of dL/dslope; dbias (the bias's shape) in TDB
 //             with DBIAS 1 (per element) or 2 (bias broadcast over keys: per row, summed over the
-//             tile's keys)
+//             tile's keys); dbias_total (the bias's shape, its dtype): a batch loop's sums, written
+//             by its last row (params[kBatchTotal]; dbias then holds the other rows' float32 sums)
 //   template: T, D, BQ, BK, NW, STAGES, SMEM, SOFTCAP, ALIBI, BIAS, VARLEN, SPARSE, DROPOUT,
 //             BIAS_TILE, TB as in attention_fwd.metal, DBIAS (0: none or done by the dk/dv kernel;
 //             1; 2), TDB (dbias type), DLSE (1: dlse is given).  DBIAS 1 with BIAS_TILE gathers
@@ -183,8 +184,8 @@ for (int b = b_first; b < b_end; ++b) {
       const float g = p * (dp - delta_rows.v[slot]);  // dL/d(score)
       if (ALIBI) dslope += g * sc.alibi_grad(r, j);
       if (STAGE_DBIAS) sG[(r - q0) * LDG + j - k0] = static_cast<TDB>(g);
-      else if (DBIAS == 1 && r < sg.nq && j < sg.nk && (dbias_write_kind == kDbiasStore || keep))
-        dbias_add(dbias, bias_at, g, dbias_write_kind);
+      else if (DBIAS == 1 && r < sg.nq && j < sg.nk && (dbias_writes_all(dbias_write_kind) || keep))
+        dbias_add(dbias, bias_at, g, dbias_write_kind, dbias_total);
       if (DBIAS == 2) dbias_rows.v[slot] += g;
       ds.v[i] = g * sc.cap_grad(s.v[i]);
     }
@@ -194,7 +195,7 @@ for (int b = b_first; b < b_end; ++b) {
     if (STAGE_DBIAS) {
       mfa_barrier();  // the whole dS tile is in sG
       dbias_add_tile<BQ, BK, NT>(dbias, bias_head + long(q0) * bias_sq + k0, bias_sq, sG, LDG, sg.nq - q0, sg.nk - k0,
-                                 dbias_write_kind, tid);
+                                 dbias_write_kind, dbias_total, tid);
     }
     mfa_barrier();
   }
@@ -211,7 +212,7 @@ for (int b = b_first; b < b_end; ++b) {
       MFA_UNROLL
       for (int s = 0; s < RowVec<WM>::SIZE; ++s) {
         const int r = row0 + RowVec<WM>::row(lc, s);
-        if (r < sg.nq) dbias_add(dbias, bias_head + long(r) * bias_sq, dbias_rows.v[s], dbias_write_kind);
+        if (r < sg.nq) dbias_add(dbias, bias_head + long(r) * bias_sq, dbias_rows.v[s], dbias_write_kind, dbias_total);
       }
     }
   }

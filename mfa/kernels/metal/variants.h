@@ -28,6 +28,7 @@ enum Param : int {
   kBatchLoop,      // B when each dq threadgroup runs every batch row (a bias shared by the batch
                    // with a per-element dbias: the rows' dS are summed in place), else 0
   kBiasZeroed,     // dbias was zero-filled by the launcher (tiles that are never visited)
+  kBatchTotal,     // a batch loop's last row writes the sums in the bias's dtype (dbias_total)
   kNumParams
 };
 
@@ -36,14 +37,19 @@ enum DbiasWrite : int {
   kDbiasAtomic = 0,  // float32 atomic adds: other threadgroups write the same entries
   kDbiasStore,       // plain stores: this threadgroup is each entry's only writer
   kDbiasAdd,         // float32 read, add, write: the only writer, a batch row after the first
+  kDbiasTotal,       // float32 read, add, then written to dbias_total: a batch loop's last row
 };
 
+// Whether a write covers every entry of the tiles it visits (masked ones get their zero).
+MFA_FUNC bool dbias_writes_all(int write) { return write == kDbiasStore || write == kDbiasTotal; }
+
 // The write of batch row b's dS: stores where each entry has one writer; in a batch loop
-// (kBatchLoop), stores for the first row (adds when dbias was zero-filled) and adds for the rest;
-// else atomic adds.
+// (kBatchLoop), stores for the first row (adds when dbias was zero-filled), adds for the rest, the
+// last one into dbias_total with kBatchTotal; else atomic adds.
 MFA_FUNC int dbias_write(MFA_DEV const int* params, int b) {
   if (params[kBiasUnique] != 0) return kDbiasStore;
   if (params[kBatchLoop] == 0) return kDbiasAtomic;
+  if (b + 1 == params[kBatchLoop] && params[kBatchTotal] != 0) return kDbiasTotal;
   return b == 0 && params[kBiasZeroed] == 0 ? kDbiasStore : kDbiasAdd;
 }
 
@@ -173,29 +179,31 @@ MFA_FUNC void reduce_rows(MFA_THR RowVec<M>& v) {
 }
 
 // Add `value` to dbias entry `i` as `write` (DbiasWrite) says: a plain store, an in-place add or an
-// atomic add into the float32 buffer.
-template <typename TDB>
-MFA_FUNC void dbias_add(MFA_DEV TDB* dbias, long i, float value, int write) {
+// atomic add into the float32 buffer, or the float32 entry plus `value` stored to `total` (in its
+// dtype; unused by the other writes).
+template <typename TDB, typename TT>
+MFA_FUNC void dbias_add(MFA_DEV TDB* dbias, long i, float value, int write, MFA_DEV TT* total) {
   if (write == kDbiasStore) dbias[i] = static_cast<TDB>(value);
   else if (write == kDbiasAdd) reinterpret_cast<MFA_DEV float*>(dbias)[i] += value;
+  else if (write == kDbiasTotal) total[i] = static_cast<TT>(reinterpret_cast<MFA_DEV float*>(dbias)[i] + value);
   else mfa_atomic_add(reinterpret_cast<MFA_DEV float*>(dbias) + i, value);
 }
 
 // Add a ROWS x COLS tile of threadgroup memory (TDB, row stride lds) to dbias: entry (r, c) goes
 // to dbias[at + r·ld + c] for r < rows_valid, c < cols_valid (a multiple of 16 bytes), as `write`
-// (DbiasWrite) says.  Stores: whole 16-byte row chunks; in-place adds (float32 dbias): 16-byte
-// chunks; atomic adds: entry by entry (zeros skipped), consecutive threads on consecutive entries
+// (DbiasWrite) says.  Stores: whole 16-byte row chunks; in-place adds (float32 dbias, or into
+// `total`): 16-byte chunks; atomic adds: entry by entry (zeros skipped), consecutive threads on consecutive entries
 // (not unrolled: that would keep every step's address and value live at once).
-template <int ROWS, int COLS, int NT, typename TDB>
+template <int ROWS, int COLS, int NT, typename TDB, typename TT>
 MFA_FUNC void dbias_add_tile(MFA_DEV TDB* dbias, long at, int ld, MFA_TG const TDB* src, int lds,
-                             int rows_valid, int cols_valid, int write, int tid) {
+                             int rows_valid, int cols_valid, int write, MFA_DEV TT* total, int tid) {
   if (write == kDbiasStore) {
     store_tile<ROWS, COLS, NT>(dbias + at, ld, src, lds, rows_valid, tid, cols_valid);
     return;
   }
-  if (write == kDbiasAdd) {
-    // in place, a 16-byte chunk per step, every step's read issued before the first add (one
-    // memory latency per tile, not one per entry)
+  if (write == kDbiasAdd || write == kDbiasTotal) {
+    // in place (or into total), a 16-byte chunk per step, every step's read issued before the
+    // first add (one memory latency per tile, not one per entry)
     typedef Chunks<ROWS, COLS, NT, float> C;
     MFA_DEV float* base = reinterpret_cast<MFA_DEV float*>(dbias) + at;
     float old[C::STEPS][4];
@@ -211,7 +219,11 @@ MFA_FUNC void dbias_add_tile(MFA_DEV TDB* dbias, long at, int ld, MFA_TG const T
       int r, e;
       if (!(C::at(step, tid, r, e) && r < rows_valid && e < cols_valid)) continue;
       MFA_UNROLL
-      for (int u = 0; u < 4; ++u) base[long(r) * ld + e + u] = old[step][u] + float(src[r * lds + e + u]);
+      for (int u = 0; u < 4; ++u) {
+        const float sum = old[step][u] + float(src[r * lds + e + u]);
+        if (write == kDbiasTotal) total[at + long(r) * ld + e + u] = static_cast<TT>(sum);
+        else base[long(r) * ld + e + u] = sum;
+      }
     }
     return;
   }
