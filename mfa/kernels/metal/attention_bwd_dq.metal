@@ -21,7 +21,8 @@
 //             1; 2), TDB (dbias type), DLSE (1: dlse is given).  DBIAS 1 with BIAS_TILE gathers
 //             each tile's dS in shared memory and adds it to dbias row by row (contiguous stores).
 //             WG (1: K and V are core-matrix B tiles for wgmma, frag_wgmma.h; needs BQ/NW = 16).
-//   grid (tiles·32·NW, H, B) as in attention_fwd.metal, threadgroup (32·NW, 1, 1)
+//   grid (tiles·32·NW, H, B) as in attention_fwd.metal (H, 1 with a batch loop), threadgroup
+//   (32·NW, 1, 1)
 using namespace mfa;
 constexpr int NT = 32 * NW;
 constexpr int WM = BQ / NW;  // query rows per warp

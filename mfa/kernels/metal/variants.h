@@ -192,8 +192,8 @@ MFA_FUNC void dbias_add(MFA_DEV TDB* dbias, long i, float value, int write, MFA_
 // Add a ROWS x COLS tile of threadgroup memory (TDB, row stride lds) to dbias: entry (r, c) goes
 // to dbias[at + r·ld + c] for r < rows_valid, c < cols_valid (a multiple of 16 bytes), as `write`
 // (DbiasWrite) says.  Stores: whole 16-byte row chunks; in-place adds (float32 dbias, or into
-// `total`): 16-byte chunks; atomic adds: entry by entry (zeros skipped), consecutive threads on consecutive entries
-// (not unrolled: that would keep every step's address and value live at once).
+// `total`): 16-byte chunks; atomic adds: entry by entry (zeros skipped), consecutive threads on
+// consecutive entries (not unrolled: that would keep every step's address and value live at once).
 template <int ROWS, int COLS, int NT, typename TDB, typename TT>
 MFA_FUNC void dbias_add_tile(MFA_DEV TDB* dbias, long at, int ld, MFA_TG const TDB* src, int lds,
                              int rows_valid, int cols_valid, int write, MFA_DEV TT* total, int tid) {
@@ -231,11 +231,8 @@ MFA_FUNC void dbias_add_tile(MFA_DEV TDB* dbias, long at, int ld, MFA_TG const T
   for (int e = tid; e < ROWS * COLS; e += NT) {
     const int r = e / COLS, c = e % COLS;
     const float value = float(src[r * lds + c]);
-    if (r < rows_valid && c < cols_valid && value != 0.0f) {
-      MFA_DEV float* entry = reinterpret_cast<MFA_DEV float*>(dbias) + at + long(r) * ld + c;
-      if (write == kDbiasAdd) *entry += value;
-      else mfa_atomic_add(entry, value);
-    }
+    if (r < rows_valid && c < cols_valid && value != 0.0f)
+      mfa_atomic_add(reinterpret_cast<MFA_DEV float*>(dbias) + at + long(r) * ld + c, value);
   }
 }
 
