@@ -95,6 +95,17 @@ def skips_tiles(spec: AttentionSpec) -> bool:
     return spec.has_band or spec.block_mask is not None
 
 
+def dq_zero_fills(spec: AttentionSpec, layout: Optional[BiasLayout]) -> bool:
+    """Whether the dq kernel's outputs are zero-filled before it runs: it reduces dbias (the bias
+    has every query row) and some entries lack one writer that visits them (atomic adds, or tiles
+    never visited).  One writer per entry (stores, or a batch summed in place) covers a per-row
+    dbias, each row written once, and a per-element one where no tile is skipped."""
+    if layout is None or layout.mode not in DQ_MODES:
+        return False
+    owned = layout.unique or layout.batch_summed
+    return not (owned and (layout.mode == DBIAS_ROWS or not skips_tiles(spec)))
+
+
 def _int32(x: int) -> int:
     """The int32 with the bit pattern of ``x mod 2^32``."""
     x &= 0xFFFFFFFF
@@ -180,7 +191,7 @@ class Call:
         num_seqs = cu_len - 1 if spec.varlen else 0
         threshold = round(spec.dropout_p * (1 << 24))  # as mfa/ops/dropout.py
         batch_loop = B if layout is not None and layout.batch_summed else 0
-        zeroed = int(bool(batch_loop) and skips_tiles(spec))  # `backward` zero-fills dbias then
+        zeroed = int(bool(batch_loop) and dq_zero_fills(spec, layout))
         total = int(batch_total(spec, layout))
         params = _constant((H, Hkv, Nq, Nk, *band_bounds(spec.causal, spec.window), int(has_sinks),
                             int(per_row), threshold, _int32(spec.dropout_seed), *strides,
@@ -535,15 +546,15 @@ def backward(target: str, spec: AttentionSpec, inputs: AttentionInputs, out: mx.
     mode = layout.mode if layout else 0
     dbias_dtype = inputs.bias.dtype if layout and layout.unique else mx.float32
     dbias_shape = tuple(inputs.bias.shape) if layout else (8,)
-    skips = skips_tiles(spec)
     form = backward_form()
     by_dbias = dq_from_dbias(form, spec, inputs, layout)
     dkdv_modes = DKDV_MODES + ((DBIAS_ELEMENTS,) if by_dbias else ())
-    # one writer per dbias entry (stores, or a batch summed in place): zero-filled only where
-    # tiles are skipped, or for a per-row dbias (each row is written once)
-    owned = layout is not None and (layout.unique or layout.batch_summed)
-    zero_dq = mode in DQ_MODES and not (owned and (mode == DBIAS_ROWS or not skips))
-    zero_dkdv = mode in DKDV_MODES or (by_dbias and skips)
+    zero_dq = dq_zero_fills(spec, layout)
+    zero_dkdv = mode in DKDV_MODES or (by_dbias and skips_tiles(spec))
+    # a batch-summed dbias: the batch rows run in each dq threadgroup, the last one writing the
+    # bias-dtype sums (dbias_total) unless `batch_total` says otherwise
+    summed = layout is not None and layout.batch_summed
+    total = batch_total(spec, layout)
 
     variants = [call.params, call.fparams, call.slopes, call.bias]
     stage_bias = bias_tiles(spec, inputs, layout)
@@ -570,9 +581,7 @@ def backward(target: str, spec: AttentionSpec, inputs: AttentionInputs, out: mx.
                            [((B, H, Nq), mx.float32)], (-(-Nq // PREPROCESS_ROWS), H, B))
     else:
         # dq, and delta for the dk/dv kernel
-        # a batch-summed dbias: the rows run in each threadgroup, the last one writes dbias_total
-        summed = layout is not None and layout.batch_summed
-        total_out = (dbias_shape, inputs.bias.dtype) if batch_total(spec, layout) else ((8,), mx.float32)
+        total_out = (dbias_shape, inputs.bias.dtype) if total else ((8,), mx.float32)
         dq_mode, (dq, delta, slope_part, dbias_dq, dbias_total) = launch_grad(
             "attention_bwd_dq", dq_tiles, False, DQ_MODES, [q, k, v, dout, lse, out, dlse],
             lambda count: [((B, H, Nq, d), q.dtype), ((B, H, Nq), mx.float32), ((B, H, count), mx.float32)],
@@ -591,7 +600,7 @@ def backward(target: str, spec: AttentionSpec, inputs: AttentionInputs, out: mx.
         dq, dk = dq[..., :D], dk[..., :D]
     if d != Dv:
         dv = dv[..., :Dv]
-    if dbias is not None and dq_mode and batch_total(spec, layout):
+    if dbias is not None and total:
         dbias = dbias_total
     elif dbias is not None:
         dbias = (dbias_dq if dq_mode else dbias_dkdv).astype(inputs.bias.dtype)

@@ -53,8 +53,9 @@ def shared_bytes(kernel: str, t: Tiles, d: int, itemsize: int, bias_itemsize: in
 
     ``bias_itemsize``: the bias's element size when its tiles are staged (BIAS_TILE), else 0;
     ``dbias_itemsize``: the kernel (dq, or dk/dv) also gathers dS tiles (in dbias's type) for
-    contiguous dbias writes, else 0; ``fused_dq``: the dk/dv kernel also computes dq (through a dS tile); ``wg``:
-    the kernel's B tiles are wgmma's (WG, see `wgmma`): dk/dv stages start 1024-byte aligned.
+    contiguous dbias writes, else 0; ``fused_dq``: the dk/dv kernel also computes dq (through a
+    dS tile); ``wg``: the kernel's B tiles are wgmma's (WG, see `wgmma`): dk/dv stages start
+    1024-byte aligned.
     """
     if kernel == "attention_bwd_preprocess":
         return 0

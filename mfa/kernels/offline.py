@@ -80,7 +80,7 @@ def cuda_kernel_source(name: str, template: Sequence[Tuple[str, object]], in_dty
     with the ``__launch_bounds__`` that `build.kernel`'s header gives a MIN_BLOCKS template."""
     inputs, outputs = build.IO[name]
     values = dict(template)
-    bounds = (f"__launch_bounds__({32 * values['NW']}, {values['MIN_BLOCKS']}) "
+    bounds = (sources.launch_bounds_attribute(32 * values["NW"], values["MIN_BLOCKS"]) + " "
               if values.get("MIN_BLOCKS") else "")
     params = [f"const {_CUDA_TYPES[d]}* {n}" for n, d in zip(inputs, in_dtypes)]
     params += [f"{_CUDA_TYPES[d]}* {n}" for n, d in zip(outputs, out_dtypes)]

@@ -75,16 +75,20 @@ def tile_layer(arch: str) -> str:
     return read(FRAGMENTS[arch]) + read("tile.h") + extra + read("band.h") + read("variants.h")
 
 
+def launch_bounds_attribute(threads: int, min_blocks: int) -> str:
+    """``__launch_bounds__(threads, min_blocks)``, the attribute of a CUDA kernel function."""
+    return f"__launch_bounds__({threads}, {min_blocks})"
+
+
 def launch_bounds(bounds: Optional[Tuple[int, int]]) -> str:
-    """Header lines that give the kernel after them ``__launch_bounds__(threads, min_blocks)``.
+    """Header lines that give the kernel after them `launch_bounds_attribute` of ``bounds``.
 
     MLX writes the signature itself (``__global__ void custom_kernel_...``) after the header, so
     the header redefines ``__global__`` (NVRTC: ``__location__(global)``); "" for None.
     """
     if bounds is None:
         return ""
-    threads, min_blocks = bounds
-    return f"#undef __global__\n#define __global__ __location__(global) __launch_bounds__({threads}, {min_blocks})\n"
+    return f"#undef __global__\n#define __global__ __location__(global) {launch_bounds_attribute(*bounds)}\n"
 
 
 @functools.cache

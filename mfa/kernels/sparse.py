@@ -11,8 +11,8 @@ order]``:
 
 and ``order``, per (mask batch, head) row of lists, its tiles by decreasing list length (the
 order the threadgroups take them in, longest first).  ``partial`` is -1 for a full tile, else
-the index of the tile's element mask in the uint32 ``bits`` buffer (``BQ`` rows of ``ceil(BK/32)`` words, bit ``c % 32`` of word ``c // 32``
-is key ``c``), built from `BlockMask.element_mask` (the ``mask_mod``) for partial tiles only.
+the index of the tile's element mask in the uint32 ``bits`` buffer (``BQ`` rows of
+``ceil(BK/32)`` words, bit ``c % 32`` of word ``c // 32`` is key ``c``), built from `BlockMask.element_mask` (the ``mask_mod``) for partial tiles only.
 Schedules are cached per mask object and kernel tile.
 """
 

@@ -193,16 +193,16 @@ MFA_FUNC void mma_abt_b2(MFA_THR Acc<M, N>& c1, MFA_TG const T* a1, MFA_TG const
                          MFA_TG const T* a2, MFA_TG const T* b2, int ld, LaneCoord lc) {
   BTile<WG>::template mma_abt2<K>(c1, a1, b1, c2, a2, b2, ld, lc);
 }
-// dst[c·ld + r] = a(r, c) as T, for this warp's accumulator (BTile<1>: by stmatrix; T 16-bit there).
-template <int WG, typename T, int M, int N>
-MFA_FUNC void acc_to_shared_transposed(MFA_THR const Acc<M, N>& a, MFA_TG T* dst, int ld, LaneCoord lc) {
-  BTile<WG>::store_transposed(a, dst, ld, lc);
-}
 // c1 += p1·b1 and c2 += p2·b2: two independent products of accumulators by B tiles.
 template <int WG, int K, int M, int N, typename T>
 MFA_FUNC void mma_ab_b2(MFA_THR Acc<M, N>& c1, MFA_THR const Acc<M, K>& p1, MFA_TG const T* b1, MFA_THR Acc<M, N>& c2,
                         MFA_THR const Acc<M, K>& p2, MFA_TG const T* b2, int ld, LaneCoord lc) {
   BTile<WG>::template mma_ab2<K>(c1, p1, b1, c2, p2, b2, ld, lc);
+}
+// dst[c·ld + r] = a(r, c) as T, for this warp's accumulator (BTile<1>: by stmatrix; T 16-bit there).
+template <int WG, typename T, int M, int N>
+MFA_FUNC void acc_to_shared_transposed(MFA_THR const Acc<M, N>& a, MFA_TG T* dst, int ld, LaneCoord lc) {
+  BTile<WG>::store_transposed(a, dst, ld, lc);
 }
 
 }  // namespace mfa

@@ -207,17 +207,18 @@ MFA_FUNC void dbias_add_tile(MFA_DEV TDB* dbias, long at, int ld, MFA_TG const T
     typedef Chunks<ROWS, COLS, NT, float> C;
     MFA_DEV float* base = reinterpret_cast<MFA_DEV float*>(dbias) + at;
     float old[C::STEPS][4];
+    int rows[C::STEPS], cols[C::STEPS];
+    bool valid[C::STEPS];
     MFA_UNROLL
     for (int step = 0; step < C::STEPS; ++step) {
-      int r, e;
-      const bool valid = C::at(step, tid, r, e) && r < rows_valid && e < cols_valid;
+      valid[step] = C::at(step, tid, rows[step], cols[step]) && rows[step] < rows_valid && cols[step] < cols_valid;
       MFA_UNROLL
-      for (int u = 0; u < 4; ++u) old[step][u] = valid ? base[long(r) * ld + e + u] : 0.0f;
+      for (int u = 0; u < 4; ++u) old[step][u] = valid[step] ? base[long(rows[step]) * ld + cols[step] + u] : 0.0f;
     }
     MFA_UNROLL
     for (int step = 0; step < C::STEPS; ++step) {
-      int r, e;
-      if (!(C::at(step, tid, r, e) && r < rows_valid && e < cols_valid)) continue;
+      if (!valid[step]) continue;
+      const int r = rows[step], e = cols[step];
       MFA_UNROLL
       for (int u = 0; u < 4; ++u) {
         const float sum = old[step][u] + float(src[r * lds + e + u]);
