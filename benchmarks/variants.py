@@ -26,6 +26,7 @@ would start after S seconds, so a bounded run still returns what it measured.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import subprocess
 import sys
@@ -56,10 +57,19 @@ def _normal(shape, dtype, seed):
     return mx.random.normal(shape, key=mx.random.key(seed)).astype(dtype)
 
 
-def _both_modes(scenario, shape, backend, fn, arrays, dout, flops, group="") -> List[Entry]:
+def _both_modes(scenario, shape, backend, fn, arrays, dout, flops, group="", compiled=False) -> List[Entry]:
+    """fwd and fwd+bwd entries of one backend; ``compiled``: also both under `mx.compile` (backend
+    name + " compiled"), where a call replays its traced graph without running the Python again."""
     steps = {"fwd": lambda: [fn(*arrays)], "fwd+bwd": vjp_step(fn, arrays, dout)}
-    return [Entry(scenario, shape, backend, m, steps[m], flops * (1.0 if m == "fwd" else 3.5), group)
-            for m in ("fwd", "fwd+bwd")]
+    entries = [Entry(scenario, shape, backend, m, steps[m], flops * (1.0 if m == "fwd" else 3.5), group)
+               for m in ("fwd", "fwd+bwd")]
+    if compiled:
+        forward = mx.compile(fn)
+        grads = mx.compile(lambda *xs: mx.vjp(fn, list(xs[:-1]), [xs[-1]])[1])
+        steps = {"fwd": lambda: [forward(*arrays)], "fwd+bwd": lambda: list(grads(*arrays, dout))}
+        entries += [Entry(scenario, shape, backend + " compiled", m, steps[m], flops * (1.0 if m == "fwd" else 3.5),
+                          group) for m in ("fwd", "fwd+bwd")]
+    return entries
 
 
 def window_entries(native: str, small: bool, dtype) -> List[Entry]:
@@ -78,7 +88,7 @@ def window_entries(native: str, small: bool, dtype) -> List[Entry]:
             + _both_modes("window", shape, f"mfa:{native}",
                           lambda q, k, v: mfa.flash_attention(q, k, v, scale=scale, causal=True, window=(W, 0),
                                                               backend=native),
-                          [q, k, v], dout, flops))
+                          [q, k, v], dout, flops, compiled=True))
 
 
 def bias_entries(native: str, small: bool, dtype) -> List[Entry]:
@@ -100,7 +110,7 @@ def bias_entries(native: str, small: bool, dtype) -> List[Entry]:
         entries += _both_modes("bias", shape, "naive (with dbias)", naive, [q, k, v, bias], dout, flops, shape)
         entries += _both_modes("bias", shape, f"mfa:{native} (with dbias)",
                                lambda q, k, v, b: mfa.flash_attention(q, k, v, scale=scale, bias=b, backend=native),
-                               [q, k, v, bias], dout, flops, shape)
+                               [q, k, v, bias], dout, flops, shape, compiled=bias_shape[0] == B)
         entries += _both_modes("bias", shape, "sdpa (additive mask, no dbias)",
                                lambda q, k, v, b=bias: mx.fast.scaled_dot_product_attention(q, k, v, scale=scale,
                                                                                              mask=b),
@@ -126,7 +136,7 @@ def sparse_entries(native: str, small: bool, dtype) -> List[Entry]:
                         [q, k, v], dout, dense * mask.density)
             + _both_modes("sparse", shape, f"mfa:{native}",
                           lambda q, k, v: mfa.flash_attention(q, k, v, scale=scale, block_mask=mask, backend=native),
-                          [q, k, v], dout, dense * mask.density))
+                          [q, k, v], dout, dense * mask.density, compiled=True))
 
 
 def varlen_entries(native: str, small: bool, dtype) -> List[Entry]:
@@ -234,8 +244,10 @@ def markdown(rows: List[Dict], device: str) -> str:
 
 
 def run_tests(out: Path, seconds: int) -> int:
-    """tests/test_kernels_native.py in a subprocess of at most `seconds`; the summary in tests.txt."""
-    cmd = [sys.executable, "-m", "pytest", "-q", "--tb=short", "-p", "no:cacheprovider", "--maxfail=10",
+    """tests/test_kernels_native.py in a subprocess of at most `seconds` (8 workers where pytest-xdist is
+    installed: one at a time they take longer than 150 s on an H100 host); the summary in tests.txt."""
+    workers = ["-n", "8"] if importlib.util.find_spec("xdist") else []
+    cmd = [sys.executable, "-m", "pytest", "-q", "--tb=short", "-p", "no:cacheprovider", "--maxfail=10", *workers,
            "tests/test_kernels_native.py"]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds)

@@ -121,17 +121,26 @@ for (int w = 1 - STAGES; w < nwork; ++w) {
       copy_tile_async<BQ, BK, NT>(reinterpret_cast<MFA_TG TB*>(dL + 2 * BQ), LDB, bias + bias_at, bias_sq,
                                   sg.nq - q0, tid, sg.nk - k0);
     }
+    // lse and delta rows come asynchronously too (0 past the last row): a plain load here would
+    // stall every warp at the next barrier for one memory latency per work item
     for (int i = tid; i < BQ; i += NT) {
       const bool valid = q0 + i < sg.nq;
-      const float l = valid ? lse[rows + i] : 0.0f;
-      // log2 units; rows with nothing to attend (lse = -inf) get +inf, so P = 0 there
-      dL[i] = l == -MFA_INF ? MFA_INF : l * 1.4426950408889634f;
-      dL[BQ + i] = valid ? delta[rows + i] : 0.0f;
+      mfa_copy4(dL + i, lse + (valid ? rows + i : 0), valid);
+      mfa_copy4(dL + BQ + i, delta + (valid ? rows + i : 0), valid);
     }
   }
   mfa_async_commit();
   if (w < 0) continue;
   mfa_async_wait<STAGES - 1>();
+  MFA_TG unsigned char* stage = sStages + (w % STAGES) * QSTAGE;
+  MFA_TG const T* sQ = reinterpret_cast<MFA_TG const T*>(stage);
+  MFA_TG const T* sdO = sQ + BQ * LD;
+  MFA_TG float* sLse = reinterpret_cast<MFA_TG float*>(stage + 2 * BQ * LD * int(sizeof(T)));
+  MFA_TG const float* sDelta = sLse + BQ;
+  MFA_TG const TB* sBt = reinterpret_cast<MFA_TG const TB*>(sDelta + BQ);  // BIAS_TILE: (query, key)
+  // lse to log2 units, in place: each thread converts the rows it copied, whose copies have
+  // landed; rows with nothing to attend (lse = -inf) get +inf, so P = 0 there
+  for (int i = tid; i < BQ; i += NT) sLse[i] = sLse[i] == -MFA_INF ? MFA_INF : sLse[i] * 1.4426950408889634f;
   publish_b_tiles<WG>();
   mfa_barrier();
   const int g = SPARSE ? list.get(w, 0) : w / nq;
@@ -141,12 +150,6 @@ for (int w = 1 - STAGES; w < nwork; ++w) {
   if (ALIBI) sc.slope_log2 = slopes[(params[kSlopesPerRow] != 0 ? sg.seg : 0) * H + h] * 1.4426950408889634f;
   const Dropout drop = Dropout::from(params, fparams[4], b * H + h);
   const long bias_head = long(b) * params[kBiasStrideB] + long(h) * params[kBiasStrideH];
-  MFA_TG const unsigned char* stage = sStages + (w % STAGES) * QSTAGE;
-  MFA_TG const T* sQ = reinterpret_cast<MFA_TG const T*>(stage);
-  MFA_TG const T* sdO = sQ + BQ * LD;
-  MFA_TG const float* sLse = reinterpret_cast<MFA_TG const float*>(sQ + 2 * BQ * LD);
-  MFA_TG const float* sDelta = sLse + BQ;
-  MFA_TG const TB* sBt = reinterpret_cast<MFA_TG const TB*>(sDelta + BQ);  // BIAS_TILE: (query, key)
 
   // dPᵀ = v·doutᵀ and the scores k·qᵀ (transposed: this warp's rows are keys)
   Acc<WM, BQ> pt, dst;

@@ -53,7 +53,11 @@ MFA_FUNC void mfa_atomic_add(float* p, float v) { *p += v; }
 
 // Copy 16 bytes from device to threadgroup memory (zeros when !valid), asynchronously.
 MFA_FUNC void mfa_copy16(MFA_TG void* dst, MFA_DEV const void* src, bool valid) {
-  emu::async_copy16(dst, src, valid ? 16 : 0);
+  emu::async_copy(dst, src, valid ? 16 : 0, 16);
+}
+// Copy 4 bytes (one float or int) the same way.
+MFA_FUNC void mfa_copy4(MFA_TG void* dst, MFA_DEV const void* src, bool valid) {
+  emu::async_copy(dst, src, valid ? 4 : 0, 4);
 }
 // Store 16 bytes from threadgroup to device memory.
 MFA_FUNC void mfa_store16(MFA_DEV void* dst, MFA_TG const void* src) { std::memcpy(dst, src, 16); }

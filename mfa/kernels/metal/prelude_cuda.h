@@ -41,6 +41,11 @@ MFA_FUNC void mfa_copy16(void* dst, const void* src, bool valid) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(mfa_smem_addr(dst)),
                "l"(src), "r"(valid ? 16 : 0));
 }
+// cp.async of 4 bytes (one float or int; through L1, as .cg takes 16 bytes only).
+MFA_FUNC void mfa_copy4(void* dst, const void* src, bool valid) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(mfa_smem_addr(dst)),
+               "l"(src), "r"(valid ? 4 : 0));
+}
 // Store 16 bytes from shared to global memory.
 MFA_FUNC void mfa_store16(void* dst, const void* src) {
   *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);

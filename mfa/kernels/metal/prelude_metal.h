@@ -34,6 +34,10 @@ MFA_FUNC void mfa_atomic_add(device float* p, float v) {
 MFA_FUNC void mfa_copy16(threadgroup void* dst, const device void* src, bool valid) {
   *static_cast<threadgroup uint4*>(dst) = valid ? *static_cast<const device uint4*>(src) : uint4(0);
 }
+// Copy 4 bytes (one float or int) the same way.
+MFA_FUNC void mfa_copy4(threadgroup void* dst, const device void* src, bool valid) {
+  *static_cast<threadgroup uint*>(dst) = valid ? *static_cast<const device uint*>(src) : 0u;
+}
 // Store 16 bytes from threadgroup to device memory.
 MFA_FUNC void mfa_store16(device void* dst, const threadgroup void* src) {
   *static_cast<device uint4*>(dst) = *static_cast<const threadgroup uint4*>(src);

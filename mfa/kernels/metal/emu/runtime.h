@@ -38,7 +38,8 @@ enum class State { Ready, AtGroupBarrier, AtWarpBarrier, Done };
 struct AsyncCopy {
   void* dst;
   const void* src;
-  int bytes;  // bytes taken from src; the rest of 16 is zero-filled
+  int bytes;  // bytes taken from src; the rest of `size` is zero-filled
+  int size;   // bytes written to dst: 16, or 4 (mfa_copy4)
 };
 
 struct Fiber {
@@ -283,8 +284,8 @@ inline unsigned char* shared_memory(size_t bytes) {
 
 // ---- async copies (cp.async semantics: data lands only at the matching wait) ----------------
 
-inline void async_copy16(void* dst, const void* src, int src_bytes) {
-  g_fiber->pending.push_back({dst, src, src_bytes});
+inline void async_copy(void* dst, const void* src, int src_bytes, int size) {
+  g_fiber->pending.push_back({dst, src, src_bytes, size});
 }
 
 inline void async_commit() {
@@ -300,7 +301,7 @@ inline void async_wait(int keep_groups) {
     AsyncCopy& c = f.pending[i];
     unsigned char* d = static_cast<unsigned char*>(c.dst);
     std::memcpy(d, c.src, size_t(c.bytes));
-    std::memset(d + c.bytes, 0, size_t(16 - c.bytes));
+    std::memset(d + c.bytes, 0, size_t(c.size - c.bytes));
   }
   f.pending.erase(f.pending.begin(), f.pending.begin() + long(end));
   f.group_ends.erase(f.group_ends.begin(), f.group_ends.begin() + (ngroups - keep_groups));
