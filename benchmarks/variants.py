@@ -60,16 +60,14 @@ def _normal(shape, dtype, seed):
 def _both_modes(scenario, shape, backend, fn, arrays, dout, flops, group="", compiled=False) -> List[Entry]:
     """fwd and fwd+bwd entries of one backend; ``compiled``: also both under `mx.compile` (backend
     name + " compiled"), where a call replays its traced graph without running the Python again."""
-    steps = {"fwd": lambda: [fn(*arrays)], "fwd+bwd": vjp_step(fn, arrays, dout)}
-    entries = [Entry(scenario, shape, backend, m, steps[m], flops * (1.0 if m == "fwd" else 3.5), group)
-               for m in ("fwd", "fwd+bwd")]
+    named = {backend: {"fwd": lambda: [fn(*arrays)], "fwd+bwd": vjp_step(fn, arrays, dout)}}
     if compiled:
         forward = mx.compile(fn)
         grads = mx.compile(lambda *xs: mx.vjp(fn, list(xs[:-1]), [xs[-1]])[1])
-        steps = {"fwd": lambda: [forward(*arrays)], "fwd+bwd": lambda: list(grads(*arrays, dout))}
-        entries += [Entry(scenario, shape, backend + " compiled", m, steps[m], flops * (1.0 if m == "fwd" else 3.5),
-                          group) for m in ("fwd", "fwd+bwd")]
-    return entries
+        named[backend + " compiled"] = {"fwd": lambda: [forward(*arrays)],
+                                        "fwd+bwd": lambda: list(grads(*arrays, dout))}
+    return [Entry(scenario, shape, name, m, steps[m], flops * (1.0 if m == "fwd" else 3.5), group)
+            for name, steps in named.items() for m in ("fwd", "fwd+bwd")]
 
 
 def window_entries(native: str, small: bool, dtype) -> List[Entry]:

@@ -59,10 +59,8 @@ const float scale = fparams[1];
 // block-sparse: the longest key tiles start first, for load balance, in the order of this
 // (batch, key/value head)'s row of lists (sched's `order`, by decreasing list length)
 const int nkt = (sg.nk + BK - 1) / BK;
-const int mask_heads = params[kMaskH] > 1 ? HKV : 1;
-const int mask_row = SPARSE ? (params[kMaskB] > 1 ? b : 0) * mask_heads + (params[kMaskH] > 1 ? hk : 0) : 0;
-const int mask_lists = params[kMaskB] * mask_heads * nkt;
-const int k0 = (SPARSE ? TileList<3>::ordered(sched, mask_lists, nkt, mask_row, sg.tile) : sg.tile) * BK;
+const MaskRow<3> mask_lists = MaskRow<3>::of(sched, params, b, hk, HKV, nkt);
+const int k0 = (SPARSE ? mask_lists.ordered(sg.tile) : sg.tile) * BK;
 const int k1 = k0 + BK < sg.nk ? k0 + BK : sg.nk;
 const int group = H / HKV;
 const int bias_sq = params[kBiasStrideQ], bias_sk = params[kBiasStrideK];
@@ -89,7 +87,7 @@ const int nq = q_hi > q_lo ? (q_hi + BQ - 1) / BQ - qt_begin : 0;
 int nwork = group * nq;
 TileList<3> list;
 if (SPARSE) {
-  list = TileList<3>::at(sched, mask_lists, mask_row * nkt + k0 / BK);
+  list = mask_lists.list(k0 / BK);
   nwork = list.count;
 }
 

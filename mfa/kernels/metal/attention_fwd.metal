@@ -48,10 +48,8 @@ const int nqt = (sg.nq + BQ - 1) / BQ;
 // the longest query tiles start first, for load balance: block-sparse, in the order of this
 // (batch, head)'s row of lists (sched's `order`, by decreasing list length); causal-like bands,
 // the last tiles first
-const int mask_row = SPARSE ? (params[kMaskB] > 1 ? b : 0) * params[kMaskH] + (params[kMaskH] > 1 ? h : 0) : 0;
-const int mask_lists = params[kMaskB] * params[kMaskH] * nqt;
-const int qt = SPARSE ? TileList<2>::ordered(sched, mask_lists, nqt, mask_row, sg.tile)
-                      : band.right < kUnbounded ? nqt - 1 - sg.tile : sg.tile;
+const MaskRow<2> mask_lists = MaskRow<2>::of(sched, params, b, h, H, nqt);
+const int qt = SPARSE ? mask_lists.ordered(sg.tile) : band.right < kUnbounded ? nqt - 1 - sg.tile : sg.tile;
 const int q0 = qt * BQ;
 const int q1 = q0 + BQ < sg.nq ? q0 + BQ : sg.nq;
 const int hk = h / (H / HKV);  // GQA: the key/value head shared by this query head
@@ -72,7 +70,7 @@ const int t_first = kv_lo / BK;
 int ntiles = kv_hi > kv_lo ? (kv_hi + BK - 1) / BK - t_first : 0;
 TileList<2> list;
 if (SPARSE) {
-  list = TileList<2>::at(sched, mask_lists, mask_row * nqt + qt);
+  list = mask_lists.list(qt);
   ntiles = list.count;
 }
 

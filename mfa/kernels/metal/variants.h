@@ -121,10 +121,30 @@ struct TileList {
     return l;
   }
   MFA_FUNC int get(int n, int field) const { return entries[W * n + field]; }
-  // The tile that threadgroup `x` of list row `row` (of `tiles` tiles each) takes: longest first.
-  MFA_FUNC static int ordered(MFA_DEV const int* sched, int rows, int tiles, int row, int x) {
-    return sched[(rows + 1) + W * sched[rows] + row * tiles + x];
+};
+
+// The block-sparse lists of one (batch b, head h): row `row` of the (mask batch, mask head) rows
+// of `tiles` lists each, `rows` lists in all.  `heads`: the heads of the kernel's grid (H; HKV in
+// dk/dv, whose lists are per key/value head); a mask with one head (or batch) serves them all.
+template <int W>
+struct MaskRow {
+  MFA_DEV const int* sched;
+  int rows, row, tiles;
+
+  MFA_FUNC static MaskRow of(MFA_DEV const int* sched, MFA_DEV const int* params, int b, int h, int heads,
+                             int tiles) {
+    const int mask_heads = params[kMaskH] > 1 ? heads : 1;
+    MaskRow m;
+    m.sched = sched;
+    m.rows = params[kMaskB] * mask_heads * tiles;
+    m.row = (params[kMaskB] > 1 ? b : 0) * mask_heads + (params[kMaskH] > 1 ? h : 0);
+    m.tiles = tiles;
+    return m;
   }
+  // The tile that threadgroup `x` takes: by decreasing list length (sched's `order`), longest first.
+  MFA_FUNC int ordered(int x) const { return sched[(rows + 1) + W * sched[rows] + row * tiles + x]; }
+  // The list of tile `t`.
+  MFA_FUNC TileList<W> list(int t) const { return TileList<W>::at(sched, rows, row * tiles + t); }
 };
 
 // Element (row, col) of partial tile `p` (ROWS x COLS, one 32-bit word per 32 columns of a row).
