@@ -363,11 +363,14 @@ def dq_from_dbias(form: str, spec: AttentionSpec, inputs: AttentionInputs, layou
 
 def _dq_of_dbias(dbias: mx.array, k: mx.array, scale: float) -> mx.array:
     """``scale · dS·k`` for dS = dbias ``(B, H, Nq, Nk)`` and k ``(B, Hkv, Nk, D)``, each group of
-    ``H / Hkv`` query heads against its key head: ``(B, H, Nq, D)``."""
+    ``H / Hkv`` query heads against its key head: ``(B, H, Nq, D)``.  One product with the scale
+    as its alpha (``addmm`` of a zero row: cuBLAS's bias epilogue on CUDA), no scaling pass."""
     B, H, Nq, Nk = dbias.shape
-    Hkv = k.shape[1]
-    dq = dbias.reshape(B, Hkv, H // Hkv, Nq, Nk) @ k[:, :, None]
-    return (dq * scale).reshape(B, H, Nq, k.shape[-1])
+    Hkv, D = k.shape[1], k.shape[-1]
+    zero_row = mx.zeros((D,), dtype=mx.result_type(dbias, k))
+    # a group's query heads are consecutive: their rows stack into one (group·Nq, Nk) operand
+    dq = mx.addmm(zero_row, dbias.reshape(B, Hkv, (H // Hkv) * Nq, Nk), k, alpha=scale, beta=1.0)
+    return dq.reshape(B, H, Nq, D)
 
 
 def fused_dq(form: str, target: str, spec: AttentionSpec, layout: Optional[BiasLayout], tiles: Tiles, d: int,

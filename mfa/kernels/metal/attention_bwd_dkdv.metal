@@ -157,6 +157,8 @@ for (int w = 1 - STAGES; w < nwork; ++w) {
 
   // Pᵀ = exp2(s − lse) (zero where masked), dSᵀ = Pᵀ ∘ (dPᵀ ∘ Z − delta), dS_rawᵀ = dSᵀ ∘ d(softcap)
   const bool inside = band.inside(q0, q0 + BQ, k0, k0 + BK);
+  AccTile<WM, BQ, 1, TB> bias_tile;  // BIAS_TILE: the staged (query, key) tile at this warp's keys
+  if (BIAS_TILE) bias_tile.load(sBt + warp * WM, LDB, lc);
   MFA_UNROLL
   for (int i = 0; i < Acc<WM, BQ>::SIZE; ++i) {
     const int c = Acc<WM, BQ>::col(lc, i);
@@ -167,8 +169,7 @@ for (int w = 1 - STAGES; w < nwork; ++w) {
     if (keep) {
       float xs = sc.log2_score(pt.v[i], r, j);
       if (BIAS) {
-        const float bv = BIAS_TILE ? float(sBt[c * LDB + j - k0])
-                                   : float(bias[bias_head + long(r) * bias_sq + long(j) * bias_sk]);
+        const float bv = BIAS_TILE ? bias_tile.get(i) : float(bias[bias_head + long(r) * bias_sq + long(j) * bias_sk]);
         xs += 1.4426950408889634f * bv;
       }
       p = mfa_exp2f(xs - sLse[c]);

@@ -166,6 +166,8 @@ for (int b = b_first; b < b_end; ++b) {
 
     // P = exp2(s − lse) (zero where masked), dS = P ∘ (dP ∘ Z − delta), dS_raw = dS ∘ d(softcap)
     const bool inside = band.inside(q0, q1, k0, k0 + BK);
+    AccTile<WM, BK, 0, TB> bias_tile;  // BIAS_TILE: this warp's rows of the staged bias tile
+    if (BIAS_TILE) bias_tile.load(sBt + warp * WM * LDB, LDB, lc);
     MFA_UNROLL
     for (int i = 0; i < Acc<WM, BK>::SIZE; ++i) {
       const int slot = Acc<WM, BK>::slot(i);
@@ -176,7 +178,7 @@ for (int b = b_first; b < b_end; ++b) {
       float p = 0.0f;
       if (keep) {
         float xs = sc.log2_score(s.v[i], r, j);
-        if (BIAS) xs += 1.4426950408889634f * (BIAS_TILE ? float(sBt[(r - q0) * LDB + j - k0]) : float(bias[bias_at]));
+        if (BIAS) xs += 1.4426950408889634f * (BIAS_TILE ? bias_tile.get(i) : float(bias[bias_at]));
         p = mfa_exp2f(xs - lse_rows.v[slot]);
       }
       const float dp = DROPOUT ? ds.v[i] * drop.factor(sg.q_lo + r, sg.k_lo + j) : ds.v[i];

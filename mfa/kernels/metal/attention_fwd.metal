@@ -116,6 +116,8 @@ for (int t = 1 - STAGES; t < ntiles; ++t) {
   s.zero();
   mma_abt_b<WG, D>(s, sQw, LD, sK, LD, lc);
   const bool inside = band.inside(q0, q1, k0, k0 + BK);
+  AccTile<WM, BK, 0, TB> bias_tile;  // BIAS_TILE: this warp's rows of the staged bias tile
+  if (BIAS_TILE) bias_tile.load(sBt + warp * WM * LDB, LDB, lc);
   MFA_UNROLL
   for (int i = 0; i < Acc<WM, BK>::SIZE; ++i) {
     const int r = row0 + Acc<WM, BK>::row(lc, i), j = k0 + Acc<WM, BK>::col(lc, i);
@@ -125,8 +127,7 @@ for (int t = 1 - STAGES; t < ntiles; ++t) {
     if (keep) {
       x = sc.log2_score(s.v[i], r, j);
       if (BIAS) {
-        const float bv = BIAS_TILE ? float(sBt[(r - q0) * LDB + j - k0])
-                                   : float(bias[bias_head + long(r) * bias_sq + long(j) * bias_sk]);
+        const float bv = BIAS_TILE ? bias_tile.get(i) : float(bias[bias_head + long(r) * bias_sq + long(j) * bias_sk]);
         x += 1.4426950408889634f * bv;
       }
     }

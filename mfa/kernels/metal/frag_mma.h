@@ -48,6 +48,36 @@ struct RowVec {
   MFA_FUNC static bool writer(LaneCoord lc) { return lc.c == 0; }
 };
 
+// A warp's M x N tile of threadgroup memory seen in its accumulator layout (tile.h): 16-bit
+// tiles (PAIRS) are read by ldmatrix into registers, other types element by element.
+template <int M, int N, int TRANS, typename T, int PAIRS = sizeof(T) == 2>
+struct AccTile;
+
+// 16-bit tiles: one ldmatrix.x4 per 16 x 16 block, the four 8 x 8 matrices being accumulator
+// fragments (fi, fj) and (fi, fj + 1), rows 0-7 then 8-15 of each: register i/2 holds elements i
+// and i + 1 (even i) as they lie in the accumulator.  Rows of the tile (columns with TRANS) are
+// 16-byte aligned: ld a multiple of 8, src at a multiple of 8 elements.
+template <int M, int N, int TRANS, typename T>
+struct AccTile<M, N, TRANS, T, 1> {
+  unsigned v[Acc<M, N>::SIZE / 2];
+  MFA_FUNC void load(MFA_TG const T* src, int ld, LaneCoord lc) {
+    static_assert(N % 16 == 0, "16-bit accumulator tiles load 16 x 16 blocks");
+    const int l = lc.lane;
+    MFA_UNROLL
+    for (int fi = 0; fi < M / 16; ++fi) {
+      MFA_UNROLL
+      for (int fj = 0; fj < N / 8; fj += 2) {
+        MFA_THR unsigned* r = v + (fi * (N / 8) + fj) * 2;
+        if (TRANS)  // the stored rows are the accumulator's columns
+          mfa_ldmatrix_x4_trans(r, src + (8 * fj + l % 8 + 8 * (l / 16)) * ld + 16 * fi + 8 * (l / 8 % 2));
+        else
+          mfa_ldmatrix_x4(r, src + (16 * fi + l % 8 + 8 * (l / 8 % 2)) * ld + 8 * fj + 8 * (l / 16));
+      }
+    }
+  }
+  MFA_FUNC float get(int i) const { return mfa_unpack2<T>(v[i / 2], i % 2); }
+};
+
 template <int M, int N>
 MFA_FUNC void row_max(MFA_THR const Acc<M, N>& a, MFA_THR RowVec<M>& out) {
   MFA_UNROLL

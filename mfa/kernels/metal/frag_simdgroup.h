@@ -48,6 +48,11 @@ struct RowVec {
   MFA_FUNC static bool writer(LaneCoord lc) { return lc.c == 0; }
 };
 
+// A warp's M x N tile of threadgroup memory seen in its accumulator layout (tile.h); this family
+// reads it element by element (PAIRS = 0).
+template <int M, int N, int TRANS, typename T, int PAIRS = 0>
+struct AccTile;
+
 template <int M, int N>
 MFA_FUNC void row_max(MFA_THR const Acc<M, N>& a, MFA_THR RowVec<M>& out) {
   MFA_UNROLL

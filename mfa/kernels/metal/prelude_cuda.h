@@ -86,6 +86,18 @@ MFA_FUNC unsigned mfa_pack2<__half>(float lo, float hi) {
   return *reinterpret_cast<unsigned*>(&v);
 }
 
+// The low (bits 0..15) or high half of a 32-bit register of two T values, as a float.
+template <typename T>
+MFA_FUNC float mfa_unpack2(unsigned x, int hi);
+template <>
+MFA_FUNC float mfa_unpack2<__nv_bfloat16>(unsigned x, int hi) {
+  return __uint_as_float(hi ? x & 0xffff0000u : x << 16);
+}
+template <>
+MFA_FUNC float mfa_unpack2<__half>(unsigned x, int hi) {
+  return __half2float(__ushort_as_half(static_cast<unsigned short>(hi ? x >> 16 : x & 0xffffu)));
+}
+
 // x rounded to T (round to nearest even), as a float.
 template <typename T>
 MFA_FUNC float mfa_round(float x);

@@ -70,6 +70,22 @@ MFA_FUNC void store_tile(MFA_DEV T* dst, int ldd, MFA_TG const T* src, int lds, 
   }
 }
 
+// A warp's M x N tile of threadgroup memory seen in its accumulator layout: after load(src, ld,
+// lc), get(i) is element (Acc<M, N>::row(lc, i), Acc<M, N>::col(lc, i)) of the tile at src (row
+// stride ld), or of its transpose with TRANS (src[col·ld + row]).  This form (PAIRS = 0) reads
+// each element at get(); the fragment family may load some types ahead into registers (PAIRS).
+template <int M, int N, int TRANS, typename T>
+struct AccTile<M, N, TRANS, T, 0> {
+  MFA_TG const T* src;
+  int ld;
+  LaneCoord lc;
+  MFA_FUNC void load(MFA_TG const T* tile, int stride, LaneCoord c) { src = tile, ld = stride, lc = c; }
+  MFA_FUNC float get(int i) const {
+    const int r = Acc<M, N>::row(lc, i), c = Acc<M, N>::col(lc, i);
+    return float(TRANS ? src[c * ld + r] : src[r * ld + c]);
+  }
+};
+
 // Write a warp's accumulator into threadgroup memory (row stride ld), as T.
 template <int M, int N, typename T>
 MFA_FUNC void acc_to_shared(MFA_THR const Acc<M, N>& a, MFA_TG T* dst, int ld, LaneCoord lc) {

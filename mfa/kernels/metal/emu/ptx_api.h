@@ -32,6 +32,12 @@ inline unsigned mfa_pack2(float lo, float hi) {
   return unsigned(x) | (unsigned(y) << 16);
 }
 
+// The low (bits 0..15) or high half of a 32-bit register of two T values, as a float.
+template <typename T>
+inline float mfa_unpack2(unsigned x, int hi) {
+  return emu::half_of<T>(x, hi);
+}
+
 // x rounded to T (round to nearest even), as a float.
 template <typename T>
 inline float mfa_round(float x) {
