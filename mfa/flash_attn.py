@@ -6,7 +6,9 @@ Code written for ``flash_attn`` ports by changing one import::
 
 Differences: arrays are `mx.array`; ``dropout_seed`` replaces torch's RNG state;
 ``return_attn_probs=True`` returns ``(out, softmax_lse, None)`` (the probabilities are never
-materialized); ``deterministic`` is accepted and ignored (mfa's backward is deterministic).
+materialized); ``deterministic=True`` is `mfa.flash_attention`'s: the call avoids every route
+whose backward sums with atomic adds (on CUDA, cuDNN's SDPA backward: it runs mfa's kernels
+instead, whose dq, dk, dv are plain stores; checked on the GPU by ``test_backward_is_deterministic``).
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from mfa.ops.attention import flash_attention
 from mfa.ops.varlen import flash_attention_varlen
 
 
-def _options(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, dropout_seed, return_attn_probs):
+def _options(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, dropout_seed, return_attn_probs,
+             deterministic):
     return dict(
         scale=softmax_scale,
         causal=causal,
@@ -29,6 +32,7 @@ def _options(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slope
         dropout_p=dropout_p,
         dropout_seed=dropout_seed,
         return_lse=return_attn_probs,
+        deterministic=deterministic,
     )
 
 
@@ -65,14 +69,15 @@ def flash_attn_func(
         q: ``(B, Nq, H, D)``.
         k: ``(B, Nk, Hkv, D)``.
         v: ``(B, Nk, Hkv, Dv)``.
-        dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes: as in
+        dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic: as in
             flash-attention (``softcap=0`` and ``window_size=(-1, -1)`` mean off).
 
     Returns:
         ``out (B, Nq, H, Dv)``, or ``(out, softmax_lse (B, H, Nq), None)`` when
         ``return_attn_probs``.
     """
-    opts = _options(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, dropout_seed, return_attn_probs)
+    opts = _options(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, dropout_seed,
+                    return_attn_probs, deterministic)
     return _finish(flash_attention(_bhnd(q), _bhnd(k), _bhnd(v), **opts), return_attn_probs, _bhnd)
 
 
@@ -142,7 +147,8 @@ def flash_attn_varlen_func(
     Returns:
         ``out (total_q, H, Dv)``, or ``(out, softmax_lse (H, total_q), None)``.
     """
-    opts = _options(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, dropout_seed, return_attn_probs)
+    opts = _options(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, dropout_seed,
+                    return_attn_probs, deterministic)
     result = flash_attention_varlen(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, **opts
     )

@@ -11,6 +11,7 @@ import pytest
 from conftest import random_qkv
 from test_kernels_emulator import check
 
+import mfa
 from mfa import BlockMask, kernels
 
 TARGETS = [t for t in ("cuda", "metal") if kernels.is_available(t)]
@@ -120,3 +121,44 @@ def test_head_dims_and_dtypes(target, D, Dv, dtype):
 def test_window_and_softcap(target, window, softcap):
     q, k, v = random_qkv(2, 4, 2, 700, 900, 64, dtype=mx.bfloat16, seed=17)
     check(q, k, v, causal=False, window=window, softcap=softcap, target=target)
+
+
+def _vjp_bits(target, q, k, v, dout, extra, **options):
+    """out and the gradients of one `mfa.flash_attention` call on `target` (mx.vjp with cotangent
+    dout), as float32 numpy arrays (bf16 converts exactly), evaluated."""
+    def attend(q, k, v, *xs):
+        return mfa.flash_attention(q, k, v, backend=target, **dict(zip(extra, xs)), **options)
+
+    (out,), grads = mx.vjp(attend, [q, k, v, *extra.values()], [dout])
+    return [np.array(x.astype(mx.float32)) for x in (out, *grads)]
+
+
+DETERMINISTIC_CASES = {
+    "causal gqa": dict(causal=True),
+    "window dropout": dict(window=(200, 30), dropout_p=0.1, dropout_seed=5),
+    "full bias": dict(bias=(2, 4, 600, 560)),  # dbias stored by the dk/dv kernel, dq its matmul
+    "per-row bias": dict(bias=(2, 4, 600, 1), causal=True),  # dbias rows stored by the dq kernel
+    "block-sparse": dict(block_mask="mod"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DETERMINISTIC_CASES))
+def test_backward_is_deterministic(target, case):
+    """The default backward writes dq, dk, dv (and a dbias with one writer an entry) with plain
+    stores, no atomics: repeated calls give the same bits (what flash_attn's ``deterministic``
+    asks for).  A race between warps, or a reduction order that depends on scheduling, shows up
+    here as differing bits."""
+    q, k, v = random_qkv(2, 4, 2, 600, 560, 64, dtype=mx.bfloat16, seed=47)
+    dout = mx.random.normal(q.shape, key=mx.random.key(8)).astype(mx.bfloat16)
+    options = dict(DETERMINISTIC_CASES[case])
+    extra = {}
+    if "bias" in options:
+        extra["bias"] = mx.random.normal(options.pop("bias"), key=mx.random.key(9)).astype(mx.bfloat16)
+    if options.get("block_mask") == "mod":
+        options["block_mask"] = BlockMask.from_mask_mod(lambda b, h, i, j: (i // 64 + j // 64) % 3 != 1,
+                                                        1, 1, 600, 560, block_size=64)
+    first = _vjp_bits(target, q, k, v, dout, extra, **options)
+    for _ in range(2):
+        again = _vjp_bits(target, q, k, v, dout, extra, **options)
+        for name, a, b in zip(["out", "dq", "dk", "dv", *(f"d{n}" for n in extra)], first, again):
+            assert np.array_equal(a, b), f"{case}: {name} differs between runs"

@@ -83,6 +83,67 @@ def test_explicit_backend_that_cannot_run_raises():
         mfa.flash_attention(q, k, v, return_lse=True, backend="sdpa")
 
 
+def _fake_cuda_gpu(monkeypatch):
+    """Route as on an NVIDIA GPU whose kernels build (nothing is evaluated)."""
+    from mfa.kernels import build
+
+    monkeypatch.setattr(routing, "_gpu_kind", lambda: "cuda")
+    monkeypatch.setattr(build, "is_available", lambda target: True)
+    monkeypatch.setattr(routing, "native_build_error", lambda target: None)
+
+
+def test_deterministic_calls_avoid_the_routes_with_atomic_adds(monkeypatch):
+    """deterministic=True: no cuDNN backward (MLX's SDPA VJP, even for small score matrices), no
+    native dbias summed by atomic adds, no $MFA_BWD=fused; the rest of the native backward stays."""
+    _fake_cuda_gpu(monkeypatch)
+    q, k, v = random_qkv(2, 4, 2, 256, 256, 64, dtype=mx.bfloat16)
+    causal = AttentionSpec(scale=0.125, causal=True)
+    dense = AttentionInputs(q, k, v)
+    assert routing.choose("auto", causal, dense, False).backend == "sdpa"
+    assert routing.choose("auto", causal, dense, False, deterministic=True).backend == "cuda"
+    small = AttentionInputs(*random_qkv(1, 2, 2, 128, 128, 64, dtype=mx.bfloat16))
+    assert routing.choose("auto", causal, small, False).backend == "sdpa"
+    assert routing.choose("auto", causal, small, False, deterministic=True).backend == "cuda"
+    with pytest.raises(NotImplementedError, match="deterministic option"):
+        routing.choose("sdpa", causal, dense, False, deterministic=True)
+
+    with_bias = AttentionSpec(scale=0.125, has_bias=True)
+    # shared by the heads and the query rows: several dk/dv threadgroups add into each dbias entry
+    shared = AttentionInputs(q, k, v, bias=mx.zeros((2, 1, 1, 256), mx.bfloat16))
+    assert routing.choose("auto", with_bias, shared, False).backend == "cuda"
+    assert routing.choose("auto", with_bias, shared, False, deterministic=True).backend == "tiled"
+    with pytest.raises(NotImplementedError, match=r"bias \(2, 1, 1, 256\).*atomic adds"):
+        routing.choose("cuda", with_bias, shared, False, deterministic=True)
+    for shape in [(2, 4, 256, 256), (1, 4, 256, 256), (2, 4, 256, 1)]:  # stores, batch sums in place, rows
+        full = AttentionInputs(q, k, v, bias=mx.zeros(shape, mx.bfloat16))
+        assert routing.choose("cuda", with_bias, full, False, deterministic=True).backend == "cuda", shape
+
+    monkeypatch.setenv("MFA_BWD", "fused")
+    assert routing.choose("cuda", causal, dense, False).backend == "cuda"
+    with pytest.raises(NotImplementedError, match="MFA_BWD=fused"):
+        routing.choose("cuda", causal, dense, False, deterministic=True)
+
+
+def test_deterministic_reaches_the_router_from_every_entry_point(monkeypatch):
+    seen = []
+    choose = routing.choose
+    monkeypatch.setattr(routing, "choose", lambda *args: seen.append(args[-1]) or choose(*args))
+    q, k, v = random_qkv(1, 2, 2, 16, 16, 16)
+    cu = mx.array([0, 6, 16], dtype=mx.int32)
+    packed = [x[0].transpose(1, 0, 2) for x in (q, k, v)]
+    mfa.flash_attention(q, k, v, deterministic=True)
+    mfa.flash_attention_varlen(*packed, cu, cu, deterministic=True)
+    mfa.flash_attn.flash_attn_func(*(x.swapaxes(1, 2) for x in (q, k, v)), deterministic=True)
+    mfa.flash_attn.flash_attn_varlen_func(*packed, cu, cu, deterministic=True)
+    mfa.flash_attention(q, k, v)
+    assert seen == [True, True, True, True, False]
+    bias = mx.zeros((1, 1, 1, 16))
+    with pytest.raises(NotImplementedError, match="atomic adds"):
+        mfa.flash_attention(q, k, v, bias=bias, deterministic=True, backend="emulator")
+    out = mfa.flash_attention(q, k, v, bias=bias, deterministic=True)  # auto: tiled on this CPU
+    np.testing.assert_allclose(np.array(out), np.array(mfa.flash_attention(q, k, v, bias=bias)), atol=1e-6)
+
+
 def test_mfa_backend_env_and_log(monkeypatch, capsys):
     q, k, v = random_qkv(1, 2, 2, 16, 16, 16)
     monkeypatch.setenv("MFA_BACKEND", "reference")

@@ -9,7 +9,8 @@ The kernel bodies in ``mfa/kernels/metal/`` are written once over a tile API and
   every GPU thread run as a fiber (small shapes only; ``$MFA_EMULATOR_ARCH`` picks the Metal
   or the CUDA fragment family of the tile layer).
 
-The router calls `is_available`, `unsupported_reason`, `forward` and `backward`.
+The router calls `is_available`, `unsupported_reason`, `atomic_adds` (for deterministic calls), `forward`
+and `backward`.
 """
 
 from __future__ import annotations
@@ -27,7 +28,10 @@ from mfa.ops.spec import AttentionGrads, AttentionInputs, AttentionSpec
 TARGETS = ("metal", "cuda", "emulator")
 EMULATOR_MAX_SCORES = 1 << 22  # B·H·Nq·Nk above which the emulator declines (it is slow)
 
-__all__ = ["TARGETS", "BlockSizes", "Tiles", "is_available", "unsupported_reason", "forward", "backward"]
+__all__ = ["TARGETS", "BlockSizes", "Tiles", "is_available", "unsupported_reason", "atomic_adds", "forward",
+           "backward"]
+
+atomic_adds = attention.atomic_adds
 
 
 def _check_target(target: str) -> None:

@@ -344,6 +344,29 @@ def backward_form() -> str:
     return choice
 
 
+def atomic_adds(inputs: AttentionInputs) -> Optional[str]:
+    """What this call's native backward sums with float32 atomic adds, whose order (and so whose
+    last bits) depends on the GPU's scheduling; None when every gradient is written by plain
+    stores (dq, dk, dv, dslopes' per-tile shares, and a dbias with one writer an entry or summed
+    over the batch in place): then repeated calls give the same bits.
+
+    Atomic adds come from ``$MFA_BWD=fused`` (dq, `fused_dq`) and from a bias broadcast so that
+    several threadgroups reduce into one dbias entry (neither `BiasLayout.unique` nor
+    ``batch_summed``: e.g. ``(B, 1, 1, Nk)`` over several heads, or a scalar).
+    """
+    if backward_form() == "fused":
+        return "$MFA_BWD=fused adds dq with float32 atomic adds"
+    if inputs.bias is None:
+        return None
+    B, H, Nq, _ = inputs.q.shape
+    Hkv, Nk = inputs.k.shape[1], inputs.k.shape[2]
+    layout = BiasLayout.of(inputs.bias.shape, B, H, Hkv, Nq, Nk)
+    if layout.unique or layout.batch_summed:
+        return None
+    return (f"the dbias of a bias {tuple(inputs.bias.shape)} broadcast to (B, H, Nq, Nk) = {(B, H, Nq, Nk)} is "
+            "summed by float32 atomic adds")
+
+
 def dq_from_dbias(form: str, spec: AttentionSpec, inputs: AttentionInputs, layout: Optional[BiasLayout]) -> bool:
     """Whether dq comes from dbias as one matmul, ``dq = scale · dbias·k``, so that no dq kernel runs.
 

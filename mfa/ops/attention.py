@@ -29,6 +29,7 @@ def flash_attention(
     dropout_p: float = 0.0,
     dropout_seed: int = 0,
     return_lse: bool = False,
+    deterministic: bool = False,
     backend: str = "auto",
 ) -> Union[mx.array, Tuple[mx.array, mx.array]]:
     """Fused scaled dot-product attention with an O(N)-memory forward and backward.
@@ -66,6 +67,11 @@ def flash_attention(
         dropout_p: probability of dropping an attention weight (train mode). Default: ``0``.
         dropout_seed: seed of the counter-based dropout mask (reproducible). Default: ``0``.
         return_lse: also return the log-sum-exp of each row. Default: ``False``.
+        deterministic: make the backward reproducible bit for bit: ``auto`` then skips the
+            routes known to sum gradients with atomic adds (cuDNN's SDPA backward; in mfa's
+            native backward, the dbias of a bias broadcast so that threadgroups share its
+            entries, and ``$MFA_BWD=fused``), and an explicit backend that would use them
+            raises NotImplementedError. Default: ``False``.
         backend: ``"auto"``, ``"sdpa"``, ``"tiled"``, ``"metal"``, ``"cuda"``, ``"emulator"``
             or ``"reference"``. Default: ``"auto"``.
 
@@ -98,5 +104,6 @@ def flash_attention(
             dropout_seed=dropout_seed,
         )
 
-    out, lse = attend(spec, inputs, return_lse=return_lse, backend=backend, reference=reference)
+    out, lse = attend(spec, inputs, return_lse=return_lse, backend=backend, reference=reference,
+                      deterministic=bool(deterministic))
     return (out, lse) if return_lse else out

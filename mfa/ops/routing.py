@@ -11,6 +11,10 @@
 3. a native fused kernel (``cuda`` / ``metal``) when it supports the call;
 4. ``tiled`` — correct everywhere, O(N) memory.
 
+``deterministic=True`` (a backward that gives the same bits on every run) drops the routes that
+sum gradients with atomic adds: cuDNN's SDPA backward (MLX builds it without cuDNN's deterministic
+option) and the native calls that `mfa.kernels.atomic_adds` names; those go to the next route.
+
 ``MFA_BACKEND=<name>`` replaces ``"auto"``; ``MFA_LOG=1`` prints which backend ran and why.
 A GPU target whose kernels fail to build or run (probed once) falls back to ``tiled`` with one warning.
 """
@@ -78,15 +82,27 @@ def _cudnn_fused(inputs: AttentionInputs) -> bool:
     )
 
 
+def _cudnn_backward(inputs: AttentionInputs) -> bool:
+    """Whether MLX's SDPA differentiates this call with cuDNN's fused backward (on a CUDA GPU),
+    which MLX builds without cuDNN's deterministic option (its dq may differ in the last bits
+    from run to run)."""
+    return _gpu_kind() == "cuda" and _cudnn_fused(inputs)
+
+
 def _metal_fused(inputs: AttentionInputs) -> bool:
     D, Dv = inputs.q.shape[3], inputs.v.shape[3]
     return D == Dv and D in (64, 72, 80, 96, 128)
 
 
-def _native_reason_not(target: str, spec: AttentionSpec, inputs: AttentionInputs) -> Optional[str]:
+def _native_reason_not(target: str, spec: AttentionSpec, inputs: AttentionInputs,
+                       deterministic: bool = False) -> Optional[str]:
     if not kernels.is_available(target):
         return f"{target} kernels are not available on this machine"
-    return kernels.unsupported_reason(target, spec, inputs)
+    why = kernels.unsupported_reason(target, spec, inputs)
+    if why is None and deterministic:
+        atomics = kernels.atomic_adds(inputs)
+        why = None if atomics is None else f"deterministic=True, but {atomics}"
+    return why
 
 
 @functools.lru_cache(maxsize=None)
@@ -105,17 +121,22 @@ def native_build_error(target: str) -> Optional[str]:
         return str(err)
 
 
-def choose(requested: str, spec: AttentionSpec, inputs: AttentionInputs, return_lse: bool) -> Route:
-    """Resolve ``requested`` (a backend name or "auto") to the route that runs."""
+def choose(requested: str, spec: AttentionSpec, inputs: AttentionInputs, return_lse: bool,
+           deterministic: bool = False) -> Route:
+    """Resolve ``requested`` (a backend name or "auto") to the route that runs; with
+    ``deterministic``, one whose backward sums no gradient with atomic adds (an explicit backend
+    that would raises NotImplementedError)."""
     if requested == "auto":
         requested = os.environ.get("MFA_BACKEND", "auto") or "auto"
     if requested in NATIVE_TARGETS:
-        why = _native_reason_not(requested, spec, inputs)
+        why = _native_reason_not(requested, spec, inputs, deterministic)
         if why is not None:
             raise NotImplementedError(f"backend={requested!r} cannot run this call: {why}")
         return _requested(requested)
     if requested == "sdpa":
         why = _sdpa_reason_not(spec, inputs, return_lse)
+        if why is None and deterministic and _cudnn_backward(inputs):
+            why = "deterministic=True, but MLX builds cuDNN's SDPA backward without cuDNN's deterministic option"
         if why is not None:
             raise NotImplementedError(f"backend='sdpa' cannot run this call: {why}")
         return _requested("sdpa")
@@ -123,7 +144,7 @@ def choose(requested: str, spec: AttentionSpec, inputs: AttentionInputs, return_
         return _requested(requested)
     if requested != "auto":
         raise ValueError(f"unknown backend {requested!r}")
-    return _auto(spec, inputs, return_lse)
+    return _auto(spec, inputs, return_lse, deterministic)
 
 
 @functools.cache
@@ -131,19 +152,21 @@ def _requested(backend: str) -> Route:
     return Route(backend, "requested")
 
 
-def _auto(spec: AttentionSpec, inputs: AttentionInputs, return_lse: bool) -> Route:
+def _auto(spec: AttentionSpec, inputs: AttentionInputs, return_lse: bool, deterministic: bool) -> Route:
     gpu = _gpu_kind()
     native_ok = (
-        gpu is not None and _native_reason_not(gpu, spec, inputs) is None and native_build_error(gpu) is None
+        gpu is not None and _native_reason_not(gpu, spec, inputs, deterministic) is None
+        and native_build_error(gpu) is None
     )
     backward = gpu if native_ok else "tiled"
     if _sdpa_reason_not(spec, inputs, return_lse) is None:
         B, H, Nq, _ = inputs.q.shape
-        if gpu == "cuda" and _cudnn_fused(inputs) and not spec.has_sinks:
+        cudnn = _cudnn_backward(inputs)  # MLX's VJP would run cuDNN's backward
+        if cudnn and not spec.has_sinks and not deterministic:
             return Route("sdpa", "cuDNN runs fused forward and backward")
         if gpu == "metal" and _metal_fused(inputs):
             return Route("sdpa+", "fused Metal SDPA forward, mfa O(N) backward", backward)
-        if B * H * Nq * inputs.k.shape[2] <= SMALL_SCORES:
+        if B * H * Nq * inputs.k.shape[2] <= SMALL_SCORES and not (cudnn and deterministic):
             return Route("sdpa", "small score matrix: materialized SDPA is fastest")
     if native_ok:
         return Route(gpu, "native fused kernel")
@@ -180,6 +203,7 @@ def attend(
     return_lse: bool,
     backend: str,
     reference: Callable[[], Tuple[mx.array, mx.array]],
+    deterministic: bool = False,
 ) -> Tuple[mx.array, Optional[mx.array]]:
     """Run one checked attention call on the chosen backend: ``(out, lse or None)``.
 
@@ -188,8 +212,9 @@ def attend(
         return_lse: whether the caller needs lse (some routes cannot give it).
         backend: the requested backend name.
         reference: computes the call with the naive oracle (``backend="reference"``).
+        deterministic: route only to a backward without atomic adds (see `choose`).
     """
-    route = choose(backend, spec, inputs, return_lse)
+    route = choose(backend, spec, inputs, return_lse, deterministic)
     _log(route)
     if route.backend == "reference":
         out, lse = reference()

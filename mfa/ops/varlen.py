@@ -32,6 +32,7 @@ def flash_attention_varlen(
     dropout_p: float = 0.0,
     dropout_seed: int = 0,
     return_lse: bool = False,
+    deterministic: bool = False,
     backend: str = "auto",
 ) -> Union[mx.array, Tuple[mx.array, mx.array]]:
     """Attention over packed variable-length sequences (no padding, no cross-sequence attention).
@@ -48,8 +49,8 @@ def flash_attention_varlen(
         cu_seqlens_k: ``(S+1,)`` int32 cumulative key lengths, starting at 0.
         max_seqlen_q, max_seqlen_k: longest sequence (optional; checked when given).
         alibi_slopes: ``(H,)`` or ``(S, H)`` (per sequence).
-        scale, causal, window, softcap, sinks, dropout_p, dropout_seed, return_lse, backend:
-            as in `mfa.flash_attention`.
+        scale, causal, window, softcap, sinks, dropout_p, dropout_seed, return_lse, deterministic,
+            backend: as in `mfa.flash_attention`.
 
     Returns:
         ``out (total_q, H, Dv)`` in q's dtype, or ``(out, lse)`` with ``lse (H, total_q)``
@@ -88,7 +89,8 @@ def flash_attention_varlen(
         )
         return dense(out), lse[None]
 
-    out, lse = attend(spec, inputs, return_lse=return_lse, backend=backend, reference=reference)
+    out, lse = attend(spec, inputs, return_lse=return_lse, backend=backend, reference=reference,
+                      deterministic=bool(deterministic))
     # squeeze, not out[0]: an integer index is a gather in MLX, and its gradient a scatter into
     # zeros of the whole (1, H, total, D) (0.8 ms of the H100 varlen benchmark's 3.7)
     out = out.squeeze(0).transpose(1, 0, 2)
