@@ -82,11 +82,11 @@ def _cudnn_fused(inputs: AttentionInputs) -> bool:
     )
 
 
-def _cudnn_backward(inputs: AttentionInputs) -> bool:
-    """Whether MLX's SDPA differentiates this call with cuDNN's fused backward (on a CUDA GPU),
-    which MLX builds without cuDNN's deterministic option (its dq may differ in the last bits
-    from run to run)."""
-    return _gpu_kind() == "cuda" and _cudnn_fused(inputs)
+def _cudnn_backward(gpu: Optional[str], inputs: AttentionInputs) -> bool:
+    """Whether MLX's SDPA differentiates this call with cuDNN's fused backward on `gpu` (a
+    `_gpu_kind`), which MLX builds without cuDNN's deterministic option (its dq may differ in
+    the last bits from run to run)."""
+    return gpu == "cuda" and _cudnn_fused(inputs)
 
 
 def _metal_fused(inputs: AttentionInputs) -> bool:
@@ -135,7 +135,7 @@ def choose(requested: str, spec: AttentionSpec, inputs: AttentionInputs, return_
         return _requested(requested)
     if requested == "sdpa":
         why = _sdpa_reason_not(spec, inputs, return_lse)
-        if why is None and deterministic and _cudnn_backward(inputs):
+        if why is None and deterministic and _cudnn_backward(_gpu_kind(), inputs):
             why = "deterministic=True, but MLX builds cuDNN's SDPA backward without cuDNN's deterministic option"
         if why is not None:
             raise NotImplementedError(f"backend='sdpa' cannot run this call: {why}")
@@ -161,7 +161,7 @@ def _auto(spec: AttentionSpec, inputs: AttentionInputs, return_lse: bool, determ
     backward = gpu if native_ok else "tiled"
     if _sdpa_reason_not(spec, inputs, return_lse) is None:
         B, H, Nq, _ = inputs.q.shape
-        cudnn = _cudnn_backward(inputs)  # MLX's VJP would run cuDNN's backward
+        cudnn = _cudnn_backward(gpu, inputs)  # MLX's VJP would run cuDNN's backward
         if cudnn and not spec.has_sinks and not deterministic:
             return Route("sdpa", "cuDNN runs fused forward and backward")
         if gpu == "metal" and _metal_fused(inputs):
