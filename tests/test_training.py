@@ -133,6 +133,27 @@ def test_train_lowers_eval_loss_and_resume_is_exact(tmp_path, monkeypatch):
     assert resumed["final_eval_loss"] == straight["final_eval_loss"]
 
 
+def test_bucketed_segments_are_empty_and_change_nothing():
+    rows = corpus.PackedRows(["abc", "hello world", "x" * 40, "tail", "more text"], seq_len=16, seed=1)
+    batch = rows.batch([0, 1, 2])
+    padded = corpus.bucket_segments(batch)
+    n, size = batch.cu_seqlens.shape[0], padded.cu_seqlens.shape[0]
+    assert n < size < 2 * n and size & (size - 1) == 0  # this batch needs padding
+    cu = np.array(padded.cu_seqlens)
+    assert (cu[:n] == np.array(batch.cu_seqlens)).all() and (cu[n:] == cu[n - 1]).all()
+    model = CausalLM(ModelConfig(vocab_size=corpus.VOCAB_SIZE, dims=32, num_layers=1, num_heads=2, num_kv_heads=1,
+                                 mlp_dims=64))
+    np.testing.assert_array_equal(np.array(trainer.loss_fn(model, padded)), np.array(trainer.loss_fn(model, batch)))
+
+
+def test_compiled_steps_train_like_eager_steps(tmp_path):
+    args = [*TINY, "--steps", "4", "--eval-every", "4"]
+    eager = train.main([*args, "--out", str(tmp_path / "eager")])
+    compiled = train.main([*args, "--out", str(tmp_path / "compiled"), "--compile"])
+    assert_same_weights(weights(tmp_path / "eager"), weights(tmp_path / "compiled"), 1e-5)
+    assert compiled["final_eval_loss"] == pytest.approx(eager["final_eval_loss"], rel=1e-5)
+
+
 @pytest.mark.parametrize("lora_rank", [0, 4])
 def test_finetune_lowers_eval_loss_on_the_new_corpus(tmp_path, lora_rank):
     train.main([*TINY, "--steps", "4", "--eval-every", "4", "--out", str(tmp_path / "base")])

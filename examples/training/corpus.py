@@ -119,6 +119,21 @@ class PackedRows:
         return Batch(mx.array(inputs), mx.array(targets), mx.array(cu))
 
 
+def bucket_segments(batch: Batch) -> Batch:
+    """``batch`` with ``cu_seqlens`` padded by empty segments to the next power of two of entries.
+
+    A compiled step (``mx.compile``) is traced once per input shape; the segment count varies
+    from batch to batch, so bucketing it leaves a handful of shapes to trace.  Empty segments own
+    no token and change nothing.
+    """
+    n = batch.cu_seqlens.shape[0]
+    size = 1 << (n - 1).bit_length()
+    if size == n:
+        return batch
+    pad = mx.broadcast_to(batch.cu_seqlens[-1:], (size - n,))
+    return batch._replace(cu_seqlens=mx.concatenate([batch.cu_seqlens, pad]))
+
+
 def step_rows(step: int, batch_size: int, rank: int = 0, world: int = 1) -> range:
     """Row indices rank ``rank`` trains on at ``step``.
 

@@ -44,6 +44,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval-rows", type=int, default=16)
     p.add_argument("--eval-fraction", type=float, default=0.05)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--compile", action="store_true", help="run each optimizer step as one mx.compile graph")
     p.add_argument("--plot", action="store_true", help="write OUT/loss.png")
     p.add_argument("--prompt", default="Winter Apple Cake\n", help="prompt of the final sample")
     p.add_argument("--sample-tokens", type=int, default=300)
@@ -90,7 +91,7 @@ def main(argv=None) -> dict:
 
     train(model, optimizer, train_rows, eval_rows, steps=args.steps, batch_size=args.batch_size,
           eval_every=args.eval_every, eval_rows_max=args.eval_rows, grad_clip=args.grad_clip, group=group,
-          history=history, start_step=start, checkpoint=checkpoint)
+          history=history, start_step=start, checkpoint=checkpoint, compile_step=args.compile)
     before, after = history["eval"][0][1], history["eval"][-1][1]
     log(f"eval loss on {args.data.name}: before {before:.4f} -> after {after:.4f}")
     metrics = {"before": before, "after": after, "lora_rank": args.lora_rank, "steps": args.steps, "world": world}

@@ -65,6 +65,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--attention", choices=["mfa", "sdpa"], default="mfa",
                    help="mfa (packed varlen) or the baseline: mx.fast.scaled_dot_product_attention + document mask")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--compile", action="store_true", help="run each optimizer step as one mx.compile graph")
     p.add_argument("--plot", action="store_true", help="write OUT/loss.png")
     p.add_argument("--prompt", default="Once upon a time", help="prompt of the final sample")
     p.add_argument("--sample-tokens", type=int, default=300, help="bytes to sample at the end (0: none)")
@@ -123,7 +124,7 @@ def main(argv=None) -> dict:
     train(model, optimizer, train_rows, eval_rows, steps=args.steps, batch_size=args.batch_size,
           eval_every=args.eval_every, eval_rows_max=args.eval_rows, grad_clip=args.grad_clip, group=group,
           history=history, start_step=start, checkpoint=checkpoint, checkpoint_every=args.checkpoint_every,
-          step_times=step_times)
+          step_times=step_times, compile_step=args.compile)
     elapsed = time.perf_counter() - tic
 
     steady = step_times[len(step_times) // 5 :] or step_times  # skip warm-up steps

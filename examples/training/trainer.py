@@ -21,7 +21,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 from tqdm import tqdm
 
-from corpus import EOS, Batch, PackedRows, decode, step_rows
+from corpus import EOS, Batch, PackedRows, bucket_segments, decode, step_rows
 
 from mfa.serving import KVCache
 
@@ -94,22 +94,40 @@ def train(
     checkpoint: Optional[Callable[[int], None]] = None,
     checkpoint_every: int = 0,
     step_times: Optional[List[float]] = None,
+    compile_step: bool = False,
 ) -> Dict[str, List]:
     """Run steps ``start_step .. steps-1``; append ``(step, loss)`` to ``history["train"]`` / ``["eval"]``.
 
     Evaluates before the first step of a fresh run, every ``eval_every`` steps and after the last.
     ``checkpoint(step)`` is called every ``checkpoint_every`` steps and at the end (rank 0 only).
     The seconds of each optimizer step are appended to ``step_times`` when given.
+    ``compile_step``: run the step (forward, backward, gradient averaging, clipping and the
+    optimizer update) as one `mx.compile` graph, traced once per batch shape (`bucket_segments`
+    keeps those few): after the first steps no Python runs per layer.
     """
     rank, world = group.rank(), group.size()
     value_and_grad = nn.value_and_grad(model, loss_fn)
 
-    def step(batch: Batch):
-        loss, grads = value_and_grad(model, batch)
+    def step(inputs: mx.array, targets: mx.array, cu_seqlens: mx.array):
+        loss, grads = value_and_grad(model, Batch(inputs, targets, cu_seqlens))
         grads = nn.average_gradients(grads, group=group)
         grads, grad_norm = optim.clip_grad_norm(grads, grad_clip)
         optimizer.update(model, grads)
         return all_mean(loss, group), grad_norm
+
+    if compile_step:
+        # the traced step reads and writes the weights and the optimizer state (made first, so
+        # that the trace sees every entry)
+        optimizer.init(model.trainable_parameters())
+        state = [model.state, optimizer.state, mx.random.state]
+        step = mx.compile(step, inputs=state, outputs=state)
+        if rank == 0 and mx.default_device() == mx.cpu:
+            tqdm.write("note: --compile on a CPU is slower than eager steps (the tiled varlen attention "
+                       "cannot skip other segments' tiles while cu_seqlens is traced)")
+
+    def next_batch(s: int) -> Batch:
+        batch = train_rows.batch(step_rows(s, batch_size, rank, world))
+        return bucket_segments(batch) if compile_step else batch
 
     def run_eval(at: int):
         loss = evaluate(model, eval_rows, batch_size, eval_rows_max, group)
@@ -124,7 +142,7 @@ def train(
                unit="step", dynamic_ncols=True)
     for s in bar:
         tic = time.perf_counter()
-        loss, grad_norm = step(train_rows.batch(step_rows(s, batch_size, rank, world)))
+        loss, grad_norm = step(*next_batch(s))
         mx.eval(loss, grad_norm, model.parameters(), optimizer.state)
         loss, seconds, done = loss.item(), time.perf_counter() - tic, s + 1
         if step_times is not None:

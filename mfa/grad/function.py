@@ -13,13 +13,14 @@ backward: the VJP first recomputes ``lse`` with a scores-only pass.
 from __future__ import annotations
 
 import functools
-from typing import Callable, NamedTuple, Tuple
+from typing import Callable, NamedTuple, Optional, Tuple
 
 import mlx.core as mx
 
 from mfa.grad import tiled_backward
 from mfa.ops import tiled
 from mfa.ops.spec import AttentionGrads, AttentionInputs, AttentionSpec
+from mfa.settings import Settings
 
 
 class Implementation(NamedTuple):
@@ -27,33 +28,35 @@ class Implementation(NamedTuple):
     backward: Callable[..., AttentionGrads]
 
 
-def _native(target: str, check: bool) -> Implementation:
+def _native(target: str, check: bool, settings: Optional[Settings]) -> Implementation:
     from mfa import kernels
 
     return Implementation(
-        forward=functools.partial(kernels.forward, target, check=check),
-        backward=functools.partial(kernels.backward, target, check=check),
+        forward=functools.partial(kernels.forward, target, check=check, settings=settings),
+        backward=functools.partial(kernels.backward, target, check=check, settings=settings),
     )
 
 
-def implementation(backend: str, routed: bool = False) -> Implementation:
+def implementation(backend: str, routed: bool = False, settings: Optional[Settings] = None) -> Implementation:
     """The forward/backward pair of a fused backend name.
 
     Args:
         backend: ``"tiled"`` or a native target.
         routed: the router has checked each call against `mfa.kernels.unsupported_reason`, so
             the native launchers skip that check. Default: ``False``.
+        settings: the ``$MFA_*`` switches the native launchers use (`mfa.settings`); None:
+            they read the environment at each call.
     """
     if backend == "tiled":
         return Implementation(tiled.forward, tiled_backward.backward)
     if backend in ("metal", "cuda", "emulator"):
-        return _native(backend, check=not routed)
+        return _native(backend, check=not routed, settings=settings)
     raise ValueError(f"no fused forward/backward pair for {backend=}")
 
 
 @functools.lru_cache(maxsize=512)
 def attention_function(spec: AttentionSpec, backend: str, backward_backend: str = "",
-                       lse_used: bool = True) -> Callable:
+                       lse_used: bool = True, settings: Optional[Settings] = None) -> Callable:
     """The custom function ``(*inputs.arrays()) -> (out, lse)`` for ``spec`` on ``backend``.
 
     For calls the router has checked (`mfa.ops.routing.choose`).
@@ -65,9 +68,10 @@ def attention_function(spec: AttentionSpec, backend: str, backward_backend: str 
         lse_used: whether lse reaches the caller.  When it does not, its cotangent (the zeros MLX
             passes for an unused output) is ignored, so the backward neither reads it nor makes
             MLX fill it.
+        settings: the call's ``$MFA_*`` switches, for the native forward and backward.
     """
-    fwd = implementation(backend, routed=True)
-    bwd = implementation(backward_backend or backend, routed=True)
+    fwd = implementation(backend, routed=True, settings=settings)
+    bwd = implementation(backward_backend or backend, routed=True, settings=settings)
 
     @mx.custom_function
     def attention(*arrays):
@@ -91,14 +95,14 @@ def _sdpa(spec: AttentionSpec, inputs: AttentionInputs) -> mx.array:
 
 
 @functools.lru_cache(maxsize=512)
-def sdpa_forward_function(spec: AttentionSpec, backward_backend: str) -> Callable:
+def sdpa_forward_function(spec: AttentionSpec, backward_backend: str, settings: Optional[Settings] = None) -> Callable:
     """Custom function ``(*inputs.arrays()) -> out``: MLX SDPA forward, mfa backward.
 
     For plain (dense, causal or not, optional sinks) calls that do not ask for lse: MLX's fused
     forward is fastest, but its own VJP materializes the score matrix on Metal and CPU (for
-    calls the router has checked).
+    calls the router has checked; ``settings`` as in `attention_function`).
     """
-    bwd = implementation(backward_backend, routed=True)
+    bwd = implementation(backward_backend, routed=True, settings=settings)
 
     @mx.custom_function
     def attention(*arrays):

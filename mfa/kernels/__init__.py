@@ -16,7 +16,6 @@ and `backward`.
 from __future__ import annotations
 
 import functools
-import os
 from typing import Optional, Tuple
 
 import mlx.core as mx
@@ -24,6 +23,7 @@ import mlx.core as mx
 from mfa.kernels import attention, build
 from mfa.kernels.blocks import BlockSizes, Tiles, padded_head_dim
 from mfa.ops.spec import AttentionGrads, AttentionInputs, AttentionSpec
+from mfa.settings import Settings, read as read_settings
 
 TARGETS = ("metal", "cuda", "emulator")
 EMULATOR_MAX_SCORES = 1 << 22  # B·H·Nq·Nk above which the emulator declines (it is slow)
@@ -45,24 +45,28 @@ def is_available(target: str) -> bool:
     return build.is_available(target)
 
 
-def unsupported_reason(target: str, spec: AttentionSpec, inputs: AttentionInputs) -> Optional[str]:
+def unsupported_reason(target: str, spec: AttentionSpec, inputs: AttentionInputs,
+                       settings: Optional[Settings] = None) -> Optional[str]:
     """Why `target`'s kernels cannot run this call, or None when they can.
 
     Every option runs natively; what remains are limits of the hardware and of the emulator.
-    The router falls back to the ``tiled`` backend when a reason is returned.
+    The router falls back to the ``tiled`` backend when a reason is returned.  ``settings``:
+    the call's ``$MFA_*`` switches (`mfa.settings`; None reads them now), whose tile overrides
+    decide what fits.
     """
     _check_target(target)
     q, k, v = inputs.q, inputs.k, inputs.v
     bias_size = 0 if inputs.bias is None else inputs.bias.size
-    return _reason(target, build.arch_of(target), os.environ.get("MFA_BLOCKS", ""), q.shape, k.shape[2], v.shape[3],
-                   q.dtype, k.dtype, v.dtype, bias_size)
+    settings = settings or read_settings()
+    return _reason(target, build.arch_of(target), settings, q.shape, k.shape[2], v.shape[3], q.dtype, k.dtype,
+                   v.dtype, bias_size)
 
 
 @functools.lru_cache(maxsize=256)
-def _reason(target: str, arch: str, blocks_env: str, q_shape: Tuple[int, ...], Nk: int, Dv: int, q_dtype: mx.Dtype,
+def _reason(target: str, arch: str, settings: Settings, q_shape: Tuple[int, ...], Nk: int, Dv: int, q_dtype: mx.Dtype,
             k_dtype: mx.Dtype, v_dtype: mx.Dtype, bias_size: int) -> Optional[str]:
     """`unsupported_reason` of one call's shapes and dtypes (computed once per key; ``arch`` and
-    ``blocks_env``, ``$MFA_BLOCKS``, are what `attention.block_sizes` reads)."""
+    ``settings`` are what `attention.block_sizes` reads)."""
     B, H, Nq, D = q_shape
     d = padded_head_dim(max(D, Dv))
     if d is None:
@@ -71,7 +75,7 @@ def _reason(target: str, arch: str, blocks_env: str, q_shape: Tuple[int, ...], N
         return f"native kernels take one float dtype for q, k, v, got {q_dtype}, {k_dtype}, {v_dtype}"
     if arch == "cuda" and q_dtype == mx.float32:
         return "the CUDA kernels use bf16/fp16 tensor cores; float32 inputs are not supported"
-    blocks = attention.block_sizes(target, d, q_dtype)
+    blocks = attention.block_sizes(target, d, q_dtype, settings)
     if blocks.fwd is None or blocks.dq is None or blocks.dkdv is None:
         return f"no tile of D={d} {q_dtype} fits the {arch} threadgroup memory"
     if bias_size >= 2**31:
@@ -81,8 +85,8 @@ def _reason(target: str, arch: str, blocks_env: str, q_shape: Tuple[int, ...], N
     return None
 
 
-def forward(target: str, spec: AttentionSpec, inputs: AttentionInputs, *, check: bool = True
-            ) -> Tuple[mx.array, mx.array]:
+def forward(target: str, spec: AttentionSpec, inputs: AttentionInputs, *, check: bool = True,
+            settings: Optional[Settings] = None) -> Tuple[mx.array, mx.array]:
     """Fused attention forward on `target`.
 
     Args:
@@ -92,6 +96,7 @@ def forward(target: str, spec: AttentionSpec, inputs: AttentionInputs, *, check:
             optional bias, alibi_slopes, sinks and cu_seqlens (see `attention.forward`).
         check: raise ValueError when `unsupported_reason` gives a reason (the router, which has
             just asked, passes False). Default: ``True``.
+        settings: the call's ``$MFA_*`` switches (`mfa.settings`); None reads them now.
 
     Returns:
         ``(out, lse)``: out ``(B, H, Nq, Dv)`` in q's dtype (float32 for the calls whose backward
@@ -99,16 +104,17 @@ def forward(target: str, spec: AttentionSpec, inputs: AttentionInputs, *, check:
     """
     _check_target(target)
     if check:
-        _require_supported(target, spec, inputs)
-    return attention.forward(target, spec, inputs)
+        _require_supported(target, spec, inputs, settings)
+    return attention.forward(target, spec, inputs, settings)
 
 
 def backward(target: str, spec: AttentionSpec, inputs: AttentionInputs, out: mx.array, lse: mx.array,
-             dout: mx.array, dlse: Optional[mx.array], *, check: bool = True) -> AttentionGrads:
+             dout: mx.array, dlse: Optional[mx.array], *, check: bool = True,
+             settings: Optional[Settings] = None) -> AttentionGrads:
     """Fused attention backward on `target`.
 
     Args:
-        target, spec, inputs, check: as in `forward`.
+        target, spec, inputs, check, settings: as in `forward`.
         out, lse: the forward's results.
         dout: cotangent of out ``(B, H, Nq, D)``.
         dlse: cotangent of lse ``(B, H, Nq)`` float32, or None; enters as
@@ -120,11 +126,12 @@ def backward(target: str, spec: AttentionSpec, inputs: AttentionInputs, out: mx.
     """
     _check_target(target)
     if check:
-        _require_supported(target, spec, inputs)
-    return attention.backward(target, spec, inputs, out, lse, dout, dlse)
+        _require_supported(target, spec, inputs, settings)
+    return attention.backward(target, spec, inputs, out, lse, dout, dlse, settings)
 
 
-def _require_supported(target: str, spec: AttentionSpec, inputs: AttentionInputs) -> None:
-    reason = unsupported_reason(target, spec, inputs)
+def _require_supported(target: str, spec: AttentionSpec, inputs: AttentionInputs,
+                       settings: Optional[Settings]) -> None:
+    reason = unsupported_reason(target, spec, inputs, settings)
     if reason is not None:
         raise ValueError(f"{target} kernels cannot run this call: {reason}")

@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import os
 from typing import Optional, Tuple
 
 import mlx.core as mx
@@ -25,6 +24,7 @@ from mfa.kernels import build, sparse
 from mfa.kernels.blocks import (FRAGMENT_ROWS, SHARED_LIMIT, BlockSizes, Tiles, padded_head_dim, shared_bytes,
                                 wgmma)
 from mfa.ops.spec import AttentionGrads, AttentionInputs, AttentionSpec
+from mfa.settings import Settings, read as read_settings
 
 LOG2E = math.log2(math.e)
 PREPROCESS_ROWS = 32  # rows per threadgroup of the backward preprocess (4 warps x 8 rows)
@@ -39,10 +39,6 @@ def row_contiguous(x: mx.array) -> mx.array:
     """`x` row-contiguous: a copy of a strided view (flattening copies it; the reshape back is a
     view), `x`'s own buffer otherwise.  Like ``mx.contiguous``, which MLX 0.32 cannot export."""
     return x.reshape(-1).reshape(x.shape)
-
-
-def _verbose() -> bool:
-    return os.environ.get("MFA_KERNEL_VERBOSE", "") not in ("", "0")
 
 
 def _buffer(x: mx.array) -> mx.array:
@@ -203,18 +199,16 @@ class Call:
         return params, fparams, layout
 
 
-def block_sizes(target: str, head_dim: int, dtype: mx.Dtype) -> BlockSizes:
+def block_sizes(target: str, head_dim: int, dtype: mx.Dtype, settings: Optional[Settings] = None) -> BlockSizes:
     """The tiles `target` uses for a (compiled) head dim and dtype.
 
-    ``$MFA_BLOCKS`` overrides them for tuning, e.g. ``fwd=128x64x8x2,dq=64x64x4x2x3,dkdv=64x64x4``
-    (block_q x block_k x warps [x stages [x min_blocks]] per kernel, see `Tiles`).
+    ``$MFA_BLOCKS`` (``settings.blocks``; the environment now when ``settings`` is None)
+    overrides them for tuning, e.g. ``fwd=128x64x8x2,dq=64x64x4x2x3,dkdv=64x64x4`` (block_q x
+    block_k x warps [x stages [x min_blocks]] per kernel, see `Tiles`); ``$MFA_WGMMA=0`` turns
+    off the wgmma B tiles (`blocks.wgmma`).
     """
-    return _block_sizes(build.arch_of(target), head_dim, dtype, os.environ.get("MFA_BLOCKS", ""), _wgmma_allowed())
-
-
-def _wgmma_allowed() -> bool:
-    """Whether wgmma B tiles may be used (`blocks.wgmma`): ``$MFA_WGMMA`` is not ``0``."""
-    return os.environ.get("MFA_WGMMA", "1") != "0"
+    settings = settings or read_settings()
+    return _block_sizes(build.arch_of(target), head_dim, dtype, settings.blocks, settings.wgmma)
 
 
 @functools.lru_cache(maxsize=64)
@@ -229,27 +223,20 @@ def _block_sizes(arch: str, head_dim: int, dtype: mx.Dtype, override: str, allow
     return blocks
 
 
-def _template(target: str, name: str, tiles: Tiles, dtype: mx.Dtype, d: int, spec: AttentionSpec,
+@functools.lru_cache(maxsize=256)
+def _template(target: str, name: str, tiles: Tiles, dtype: mx.Dtype, d: int, spec: AttentionSpec, allow_wgmma: bool,
               bias_dtype: mx.Dtype = mx.float32, stage_bias: bool = False, dbias: int = 0,
               dbias_dtype: mx.Dtype = mx.float32, exact: bool = False, fused: bool = False, dlse: bool = False):
-    """Template values of an attention kernel: the tiles, WG, then the variant switches.
+    """Template values of an attention kernel (computed once per key): the tiles, WG, then the
+    variant switches.
 
     ``stage_bias`` (see `bias_tiles`) turns on BIAS_TILE where the staged tiles fit the target's
     shared memory; the kernel reads the bias element by element otherwise.  ``fused``: the dk/dv
     kernel also computes dq (FUSED_DQ, see `fused_dq`); ``dlse``: the dq kernel reads an lse
-    cotangent (DLSE).  WG = 1 (wgmma B tiles) wherever `blocks.wgmma` allows it, unless
-    ``$MFA_WGMMA=0``.  CUDA-family tiles with a ``min_blocks`` add MIN_BLOCKS, which `_launch`
-    turns into the kernel's ``__launch_bounds__``.
+    cotangent (DLSE).  WG = 1 (wgmma B tiles) wherever `blocks.wgmma` allows it, when
+    ``allow_wgmma`` (``$MFA_WGMMA`` is not ``0``).  CUDA-family tiles with a ``min_blocks`` add
+    MIN_BLOCKS, which `_launch` turns into the kernel's ``__launch_bounds__``.
     """
-    return _template_values(target, name, tiles, dtype, d, spec, bias_dtype, stage_bias, dbias, dbias_dtype, exact,
-                            fused, dlse, _wgmma_allowed())
-
-
-@functools.lru_cache(maxsize=256)
-def _template_values(target: str, name: str, tiles: Tiles, dtype: mx.Dtype, d: int, spec: AttentionSpec,
-                     bias_dtype: mx.Dtype, stage_bias: bool, dbias: int, dbias_dtype: mx.Dtype, exact: bool,
-                     fused: bool, dlse: bool, allow_wgmma: bool):
-    """`_template` for one set of arguments (computed once per key)."""
     arch = build.arch_of(target)
     wg = allow_wgmma and wgmma(arch, name, tiles, d, dtype)
     stage_dbias = stage_bias and dbias == DBIAS_ELEMENTS
@@ -276,9 +263,9 @@ def _template_values(target: str, name: str, tiles: Tiles, dtype: mx.Dtype, d: i
 
 
 def _launch(target: str, name: str, template, threads: int, inputs, outputs, groups: Tuple[int, int, int],
-            zero_outputs: bool = False):
+            settings: Settings, zero_outputs: bool = False):
     """Run one kernel over ``groups`` threadgroups of ``threads`` threads (outputs zero-filled first
-    when ``zero_outputs``)."""
+    when ``zero_outputs``; MLX prints its source when ``settings.verbose``)."""
     values = dict(template)
     smem = values.get("SMEM", 0) if target == "cuda" else 0
     min_blocks = values.get("MIN_BLOCKS", 0) if target == "cuda" else 0
@@ -286,7 +273,7 @@ def _launch(target: str, name: str, template, threads: int, inputs, outputs, gro
     return k(inputs=[x if x.size >= 8 else _buffer(x) for x in inputs], output_shapes=[s for s, _ in outputs],
              output_dtypes=[t for _, t in outputs],
              grid=(groups[0] * threads, groups[1], groups[2]), threadgroup=(threads, 1, 1), template=list(template),
-             init_value=0 if zero_outputs else None, verbose=_verbose())
+             init_value=0 if zero_outputs else None, verbose=settings.verbose)
 
 
 def _varlen_tiles(inputs: AttentionInputs, tile: int, by_keys: bool) -> Tuple[mx.array, int]:
@@ -334,17 +321,17 @@ def bias_tiles(spec: AttentionSpec, inputs: AttentionInputs, layout: Optional[Bi
     return inputs.q.shape[2] > 1 and (inputs.k.shape[2] * inputs.bias.dtype.size) % 16 == 0
 
 
-def backward_form() -> str:
+def backward_form(settings: Optional[Settings] = None) -> str:
     """``$MFA_BWD``: ``auto`` (the default: `dq_from_dbias` where it applies, else ``split``),
     ``split`` (always the dq kernel, then the dk/dv kernel) or ``fused`` (`fused_dq` where it
-    applies, else ``split``)."""
-    choice = os.environ.get("MFA_BWD", "auto")
+    applies, else ``split``); ``settings.backward``, or the environment now when ``settings`` is None."""
+    choice = (settings or read_settings()).backward
     if choice not in ("auto", "split", "fused"):
         raise ValueError(f"MFA_BWD={choice!r} must be 'auto', 'split' or 'fused'")
     return choice
 
 
-def atomic_adds(inputs: AttentionInputs) -> Optional[str]:
+def atomic_adds(inputs: AttentionInputs, settings: Optional[Settings] = None) -> Optional[str]:
     """What this call's native backward sums with float32 atomic adds, whose order (and so whose
     last bits) depends on the GPU's scheduling; None when every gradient is written by plain
     stores (dq, dk, dv, dslopes' per-tile shares, and a dbias with one writer an entry or summed
@@ -354,7 +341,7 @@ def atomic_adds(inputs: AttentionInputs) -> Optional[str]:
     several threadgroups reduce into one dbias entry (neither `BiasLayout.unique` nor
     ``batch_summed``: e.g. ``(B, 1, 1, Nk)`` over several heads, or a scalar).
     """
-    if backward_form() == "fused":
+    if backward_form(settings) == "fused":
         return "$MFA_BWD=fused adds dq with float32 atomic adds"
     if inputs.bias is None:
         return None
@@ -425,12 +412,14 @@ def exact_out(spec: AttentionSpec, layout: Optional[BiasLayout]) -> bool:
     return spec.has_alibi or spec.has_sinks or (layout is not None and layout.mode in (DBIAS_ROWS, DBIAS_SCALAR))
 
 
-def forward(target: str, spec: AttentionSpec, inputs: AttentionInputs) -> Tuple[mx.array, mx.array]:
+def forward(target: str, spec: AttentionSpec, inputs: AttentionInputs,
+            settings: Optional[Settings] = None) -> Tuple[mx.array, mx.array]:
     """Attention forward on a native target.
 
     Args:
         target: ``"metal"``, ``"cuda"`` or ``"emulator"``.
         spec: the static options.
+        settings: the call's ``$MFA_*`` switches (`mfa.settings`); None reads them now.
         inputs: q ``(B, H, Nq, D)``; k ``(B, Hkv, Nk, D)``, v ``(B, Hkv, Nk, Dv)`` (``H % Hkv ==
             0``); optional bias ``(B|1, H|1, Nq|1, Nk|1)``, alibi_slopes ``(H,)``, ``(1|B, H)``
             (or ``(S, H)`` for varlen), sinks ``(H,)``; varlen: ``B = 1`` and cu_seqlens_q/k.
@@ -445,19 +434,21 @@ def forward(target: str, spec: AttentionSpec, inputs: AttentionInputs) -> Tuple[
     Dv = v.shape[3]
     if Nq == 0:
         return mx.zeros((B, H, 0, Dv), q.dtype), mx.zeros((B, H, 0), mx.float32)
+    settings = settings or read_settings()
     d = padded_head_dim(max(D, Dv))
     call = Call.of(spec, inputs)
     stage_bias = bias_tiles(spec, inputs, call.bias_layout)
-    tiles = forward_tiles(target, spec, block_sizes(target, d, q.dtype), stage_bias)
+    tiles = forward_tiles(target, spec, block_sizes(target, d, q.dtype, settings), stage_bias, settings)
     q, k, v = (_pad_head(x, d) for x in (q, k, v))
     sched, bits, count = _schedule(spec, inputs, tiles, transposed=False)
     exact = exact_out(spec, call.bias_layout)
-    template = _template(target, "attention_fwd", tiles, q.dtype, d, spec, call.bias.dtype, stage_bias, exact=exact)
+    template = _template(target, "attention_fwd", tiles, q.dtype, d, spec, settings.wgmma, call.bias.dtype, stage_bias,
+                         exact=exact)
     out, lse = _launch(target, "attention_fwd", template,
                        tiles.threads,
                        [q, k, v, call.params, call.fparams, call.sinks, call.slopes, call.bias, sched, bits],
                        [((B, H, Nq, d), mx.float32 if exact else q.dtype), ((B, H, Nq), mx.float32)],
-                       (count, H, B))
+                       (count, H, B), settings)
     return (out[..., :Dv] if d != Dv else out), lse
 
 
@@ -477,7 +468,8 @@ def _dslopes(spec: AttentionSpec, inputs: AttentionInputs, part: mx.array, tile:
     return (per_bh if per_row else per_bh.sum(axis=0)).reshape(slopes.shape).astype(slopes.dtype)
 
 
-def forward_tiles(target: str, spec: AttentionSpec, blocks: BlockSizes, stage_bias: bool) -> Tiles:
+def forward_tiles(target: str, spec: AttentionSpec, blocks: BlockSizes, stage_bias: bool,
+                  settings: Optional[Settings] = None) -> Tiles:
     """The forward's tiles: `block_sizes`' default, except on the CUDA family (unless
     ``$MFA_BLOCKS`` sets the forward's tiles) for the variants that measured slower under its
     register cap (``min_blocks``), which spills their extra registers (H100, N = 4096, D = 64,
@@ -485,7 +477,7 @@ def forward_tiles(target: str, spec: AttentionSpec, blocks: BlockSizes, stage_bi
     383 -> 435 µs), or were not measured (a staged bias, softcap): those run uncapped.  Plain,
     causal, window and varlen calls and a key-padding bias keep the cap (window 94 -> 89 µs,
     varlen 652 -> 640 µs, key-padding bias 365 -> 316 µs)."""
-    return _forward_tiles(build.arch_of(target), spec, blocks, stage_bias, os.environ.get("MFA_BLOCKS", ""))
+    return _forward_tiles(build.arch_of(target), spec, blocks, stage_bias, (settings or read_settings()).blocks)
 
 
 @functools.lru_cache(maxsize=256)
@@ -498,7 +490,8 @@ def _forward_tiles(arch: str, spec: AttentionSpec, blocks: BlockSizes, stage_bia
     return blocks.fwd
 
 
-def backward_tiles(target: str, spec: AttentionSpec, blocks: BlockSizes) -> Tuple[Tiles, Tiles]:
+def backward_tiles(target: str, spec: AttentionSpec, blocks: BlockSizes,
+                   settings: Optional[Settings] = None) -> Tuple[Tiles, Tiles]:
     """The dq and dk/dv tiles of one backward: `block_sizes`' defaults, except on the CUDA family
     for a kernel whose tiles ``$MFA_BLOCKS`` does not set:
 
@@ -508,7 +501,7 @@ def backward_tiles(target: str, spec: AttentionSpec, blocks: BlockSizes) -> Tupl
       block each (H100, 10 % of 128 x 128 blocks, N = 16384: dk/dv 637 -> 553 µs; 128-key dq
       tiles measured no faster, 660 -> 658 µs, so dq keeps its own).
     """
-    return _backward_tiles(build.arch_of(target), spec, blocks, os.environ.get("MFA_BLOCKS", ""))
+    return _backward_tiles(build.arch_of(target), spec, blocks, (settings or read_settings()).blocks)
 
 
 @functools.lru_cache(maxsize=256)
@@ -526,13 +519,13 @@ def _backward_tiles(arch: str, spec: AttentionSpec, blocks: BlockSizes, override
 
 
 def backward(target: str, spec: AttentionSpec, inputs: AttentionInputs, out: mx.array, lse: mx.array,
-             dout: mx.array, dlse: Optional[mx.array]) -> AttentionGrads:
+             dout: mx.array, dlse: Optional[mx.array], settings: Optional[Settings] = None) -> AttentionGrads:
     """Attention backward on a native target: the dq kernel (which also computes delta), then the
     dk/dv kernel; or the preprocess kernel for delta, then the dk/dv kernel, which also adds dq
     (FUSED_DQ, `fused_dq`) or writes the dbias that dq is a matmul of (`dq_from_dbias`).
 
     Args:
-        target, spec, inputs: as in `forward`.
+        target, spec, inputs, settings: as in `forward`.
         out, lse: the forward's results, ``(B, H, Nq, Dv)`` and ``(B, H, Nq)``.
         dout: cotangent of out, ``(B, H, Nq, Dv)``.
         dlse: cotangent of lse, ``(B, H, Nq)`` float32, or None (zero).
@@ -554,8 +547,9 @@ def backward(target: str, spec: AttentionSpec, inputs: AttentionInputs, out: mx.
         if dsinks is not None and Nq > 0 and dlse is not None:  # lse = sink: its cotangent flows to it
             dsinks = dlse.astype(mx.float32).sum(axis=(0, 2)).astype(inputs.sinks.dtype)
         return AttentionGrads(mx.zeros_like(q), mx.zeros_like(k), mx.zeros_like(v), dbias, dslopes, dsinks, *cu_grads)
+    settings = settings or read_settings()
     d = padded_head_dim(max(D, Dv))
-    dq_tiles, dkdv_tiles = backward_tiles(target, spec, block_sizes(target, d, q.dtype))
+    dq_tiles, dkdv_tiles = backward_tiles(target, spec, block_sizes(target, d, q.dtype, settings), settings)
     # varlen's dout is a transposed view: made row-contiguous once for both kernels
     dout = dout.astype(q.dtype)
     dout = row_contiguous(dout) if spec.varlen else dout
@@ -572,7 +566,7 @@ def backward(target: str, spec: AttentionSpec, inputs: AttentionInputs, out: mx.
     mode = layout.mode if layout else 0
     dbias_dtype = inputs.bias.dtype if layout and layout.unique else mx.float32
     dbias_shape = tuple(inputs.bias.shape) if layout else (8,)
-    form = backward_form()
+    form = backward_form(settings)
     by_dbias = dq_from_dbias(form, spec, inputs, layout)
     dkdv_modes = DKDV_MODES + ((DBIAS_ELEMENTS,) if by_dbias else ())
     zero_dq = dq_zero_fills(spec, layout)
@@ -593,10 +587,10 @@ def backward(target: str, spec: AttentionSpec, inputs: AttentionInputs, out: mx.
         sched, bits, count = _schedule(spec, inputs, t, transposed=transposed)
         own = mode if mode in modes else 0
         dbias_out = (dbias_shape, dbias_dtype) if own else ((8,), mx.float32)
-        template = _template(target, name, t, q.dtype, d, spec, call.bias.dtype, stage_bias, own, dbias_out[1],
-                             fused=fused, dlse=has_dlse)
+        template = _template(target, name, t, q.dtype, d, spec, settings.wgmma, call.bias.dtype, stage_bias, own,
+                             dbias_out[1], fused=fused, dlse=has_dlse)
         results = _launch(target, name, template, t.threads, [*ins, *variants, sched, bits],
-                          [*grads(count), dbias_out, *extra], (count, heads, batches), zero_outputs=zero)
+                          [*grads(count), dbias_out, *extra], (count, heads, batches), settings, zero_outputs=zero)
         return own, results
 
     dq_mode = 0
@@ -604,7 +598,7 @@ def backward(target: str, spec: AttentionSpec, inputs: AttentionInputs, out: mx.
         # delta = rowsum(dout ∘ out) − dlse (no dlse: zero), by the preprocess kernel
         template = [("T", q.dtype), ("D", d), ("NW", 4), ("ROWS", PREPROCESS_ROWS), ("DLSE", int(has_dlse))]
         (delta,) = _launch(target, "attention_bwd_preprocess", template, 128, [out, dout, dlse, call.params],
-                           [((B, H, Nq), mx.float32)], (-(-Nq // PREPROCESS_ROWS), H, B))
+                           [((B, H, Nq), mx.float32)], (-(-Nq // PREPROCESS_ROWS), H, B), settings)
     else:
         # dq, and delta for the dk/dv kernel
         total_out = (dbias_shape, inputs.bias.dtype) if total else ((8,), mx.float32)

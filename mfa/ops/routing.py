@@ -15,7 +15,8 @@
 sum gradients with atomic adds: cuDNN's SDPA backward (MLX builds it without cuDNN's deterministic
 option) and the native calls that `mfa.kernels.atomic_adds` names; those go to the next route.
 
-``MFA_BACKEND=<name>`` replaces ``"auto"``; ``MFA_LOG=1`` prints which backend ran and why.
+``MFA_BACKEND=<name>`` replaces ``"auto"``; ``MFA_LOG=1`` prints which backend ran and why (the
+``$MFA_*`` switches are read once per call, `mfa.settings`).
 A GPU target whose kernels fail to build or run (probed once) falls back to ``tiled`` with one warning.
 """
 
@@ -23,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 import sys
 import warnings
 from typing import Callable, Optional, Tuple
@@ -33,6 +33,7 @@ import mlx.core as mx
 from mfa import kernels
 from mfa.grad import function
 from mfa.ops.spec import AttentionInputs, AttentionSpec
+from mfa.settings import Settings, read as read_settings
 
 SMALL_SCORES = 1 << 20  # B·H·Nq·Nk below which materializing the scores is cheapest
 NATIVE_TARGETS = ("metal", "cuda", "emulator")
@@ -94,13 +95,13 @@ def _metal_fused(inputs: AttentionInputs) -> bool:
     return D == Dv and D in (64, 72, 80, 96, 128)
 
 
-def _native_reason_not(target: str, spec: AttentionSpec, inputs: AttentionInputs,
-                       deterministic: bool = False) -> Optional[str]:
+def _native_reason_not(target: str, spec: AttentionSpec, inputs: AttentionInputs, deterministic: bool,
+                       settings: Settings) -> Optional[str]:
     if not kernels.is_available(target):
         return f"{target} kernels are not available on this machine"
-    why = kernels.unsupported_reason(target, spec, inputs)
+    why = kernels.unsupported_reason(target, spec, inputs, settings)
     if why is None and deterministic:
-        atomics = kernels.atomic_adds(inputs)
+        atomics = kernels.atomic_adds(inputs, settings)
         why = None if atomics is None else f"deterministic=True, but {atomics}"
     return why
 
@@ -122,14 +123,16 @@ def native_build_error(target: str) -> Optional[str]:
 
 
 def choose(requested: str, spec: AttentionSpec, inputs: AttentionInputs, return_lse: bool,
-           deterministic: bool = False) -> Route:
+           deterministic: bool = False, settings: Optional[Settings] = None) -> Route:
     """Resolve ``requested`` (a backend name or "auto") to the route that runs; with
     ``deterministic``, one whose backward sums no gradient with atomic adds (an explicit backend
-    that would raises NotImplementedError)."""
+    that would raises NotImplementedError).  ``settings``: the call's ``$MFA_*`` switches (None
+    reads them now)."""
+    settings = settings or read_settings()
     if requested == "auto":
-        requested = os.environ.get("MFA_BACKEND", "auto") or "auto"
+        requested = settings.backend
     if requested in NATIVE_TARGETS:
-        why = _native_reason_not(requested, spec, inputs, deterministic)
+        why = _native_reason_not(requested, spec, inputs, deterministic, settings)
         if why is not None:
             raise NotImplementedError(f"backend={requested!r} cannot run this call: {why}")
         return _requested(requested)
@@ -144,7 +147,7 @@ def choose(requested: str, spec: AttentionSpec, inputs: AttentionInputs, return_
         return _requested(requested)
     if requested != "auto":
         raise ValueError(f"unknown backend {requested!r}")
-    return _auto(spec, inputs, return_lse, deterministic)
+    return _auto(spec, inputs, return_lse, deterministic, settings)
 
 
 @functools.cache
@@ -152,10 +155,11 @@ def _requested(backend: str) -> Route:
     return Route(backend, "requested")
 
 
-def _auto(spec: AttentionSpec, inputs: AttentionInputs, return_lse: bool, deterministic: bool) -> Route:
+def _auto(spec: AttentionSpec, inputs: AttentionInputs, return_lse: bool, deterministic: bool,
+          settings: Settings) -> Route:
     gpu = _gpu_kind()
     native_ok = (
-        gpu is not None and _native_reason_not(gpu, spec, inputs, deterministic) is None
+        gpu is not None and _native_reason_not(gpu, spec, inputs, deterministic, settings) is None
         and native_build_error(gpu) is None
     )
     backward = gpu if native_ok else "tiled"
@@ -173,26 +177,26 @@ def _auto(spec: AttentionSpec, inputs: AttentionInputs, return_lse: bool, determ
     return Route("tiled", "portable tiled path")
 
 
-def _log(route: Route) -> None:
-    if os.environ.get("MFA_LOG", "") not in ("", "0"):
+def _log(route: Route, settings: Settings) -> None:
+    if settings.log:
         extra = f" (backward: {route.backward})" if route.backward else ""
         print(f"mfa: backend={route.backend}{extra}: {route.reason}", file=sys.stderr)
 
 
-def _run(route: Route, spec: AttentionSpec, inputs: AttentionInputs,
-         return_lse: bool) -> Tuple[mx.array, Optional[mx.array]]:
+def _run(route: Route, spec: AttentionSpec, inputs: AttentionInputs, return_lse: bool,
+         settings: Settings) -> Tuple[mx.array, Optional[mx.array]]:
     arrays = inputs.arrays()
     if route.backend == "sdpa":
         return function.sdpa_function(spec)(*arrays), None
     if route.backend == "sdpa+":
-        return function.sdpa_forward_function(spec, route.backward)(*arrays), None
+        return function.sdpa_forward_function(spec, route.backward, settings)(*arrays), None
     if route.backend in NATIVE_TARGETS and spec.varlen:
         # varlen's q, k, v are transposed views: one row-contiguous copy each, shared by the
         # forward and backward kernels (a kernel copies a strided input itself, per launch).  Not
         # done for dense calls, whose layout is unknown here: on contiguous inputs the extra
         # nodes cost ~40 µs of graph building (H100 host, window fwd+bwd)
         arrays = (*(kernels.attention.row_contiguous(x) for x in arrays[:3]), *arrays[3:])
-    out, lse = function.attention_function(spec, route.backend, lse_used=return_lse)(*arrays)
+    out, lse = function.attention_function(spec, route.backend, lse_used=return_lse, settings=settings)(*arrays)
     return out.astype(inputs.q.dtype), lse
 
 
@@ -214,9 +218,10 @@ def attend(
         reference: computes the call with the naive oracle (``backend="reference"``).
         deterministic: route only to a backward without atomic adds (see `choose`).
     """
-    route = choose(backend, spec, inputs, return_lse, deterministic)
-    _log(route)
+    settings = read_settings()
+    route = choose(backend, spec, inputs, return_lse, deterministic, settings)
+    _log(route, settings)
     if route.backend == "reference":
         out, lse = reference()
         return out.astype(inputs.q.dtype), lse
-    return _run(route, spec, inputs, return_lse)
+    return _run(route, spec, inputs, return_lse, settings)

@@ -45,6 +45,15 @@ class AttentionSpec:
     block_mask: Optional[object] = None
     varlen: bool = False
 
+    def __hash__(self) -> int:
+        # the spec keys every cache a call consults (custom functions, kernel templates, tiles,
+        # schedules), several times per call: its hash is computed once
+        cached = self.__dict__.get("_hash")
+        if cached is None:
+            cached = hash(tuple(getattr(self, f.name) for f in dataclasses.fields(self)))
+            object.__setattr__(self, "_hash", cached)
+        return cached
+
     @property
     def band(self) -> Tuple[Optional[int], Optional[int]]:
         """The kept diagonal band ``(left, right)``: ``i' - left <= j <= i' + right``.
