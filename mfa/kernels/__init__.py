@@ -103,6 +103,7 @@ def forward(target: str, spec: AttentionSpec, inputs: AttentionInputs, *, check:
         needs it exact: see `attention.exact_out`); lse ``(B, H, Nq)`` float32.
     """
     _check_target(target)
+    settings = settings or read_settings()  # one snapshot for the check and the launch
     if check:
         _require_supported(target, spec, inputs, settings)
     return attention.forward(target, spec, inputs, settings)
@@ -125,13 +126,13 @@ def backward(target: str, spec: AttentionSpec, inputs: AttentionInputs, out: mx.
         dalibi_slopes / dsinks (reduced to their inputs' shapes) when those inputs are given.
     """
     _check_target(target)
+    settings = settings or read_settings()  # one snapshot for the check and the launches
     if check:
         _require_supported(target, spec, inputs, settings)
     return attention.backward(target, spec, inputs, out, lse, dout, dlse, settings)
 
 
-def _require_supported(target: str, spec: AttentionSpec, inputs: AttentionInputs,
-                       settings: Optional[Settings]) -> None:
+def _require_supported(target: str, spec: AttentionSpec, inputs: AttentionInputs, settings: Settings) -> None:
     reason = unsupported_reason(target, spec, inputs, settings)
     if reason is not None:
         raise ValueError(f"{target} kernels cannot run this call: {reason}")
