@@ -200,19 +200,18 @@ for (int w = 1 - STAGES; w < nwork; ++w) {
   // FUSED_DQ: dq += scale · dS_raw·k over this key tile: dS_raw goes through shared memory as
   // (query row, key), then each warp multiplies its query rows by the K tile and adds them
   if (FUSED_DQ) {
-    MFA_UNROLL
-    for (int i = 0; i < Acc<WM, BQ>::SIZE; ++i)
-      sdS[Acc<WM, BQ>::col(lc, i) * LDS + warp * WM + Acc<WM, BQ>::row(lc, i)] = static_cast<T>(dst.v[i]);
+    acc_to_shared_transposed<(WG && sizeof(T) == 2) ? 1 : 0>(dst, sdS + warp * WM, LDS, lc);
     mfa_barrier();
     Acc<QW, D> dqp;
     dqp.zero();
     mma_ab_shared<BK>(dqp, sdS + warp * QW * LDS, LDS, sK, LD, lc);
     const long dq_row0 = long(b * H + h) * NQ + sg.q_lo + q0 + warp * QW;
+    // elements i and i + 1 (even i) are columns c and c + 1 of one row: one two-float add each
     MFA_UNROLL
-    for (int i = 0; i < Acc<QW, D>::SIZE; ++i) {
+    for (int i = 0; i < Acc<QW, D>::SIZE; i += 2) {
       const int r = Acc<QW, D>::row(lc, i);
       if (q0 + warp * QW + r < sg.nq)
-        mfa_atomic_add(dq_accum + (dq_row0 + r) * D + Acc<QW, D>::col(lc, i), scale * dqp.v[i]);
+        mfa_atomic_add2(dq_accum + (dq_row0 + r) * D + Acc<QW, D>::col(lc, i), scale * dqp.v[i], scale * dqp.v[i + 1]);
     }
   }
 

@@ -50,6 +50,10 @@ MFA_FUNC float mfa_fmaxf(float a, float b) { return std::fmax(a, b); }
 MFA_FUNC float mfa_tanhf(float x) { return std::tanh(x); }
 // Threadgroups run one after another on one OS thread: a plain add is atomic here.
 MFA_FUNC void mfa_atomic_add(float* p, float v) { *p += v; }
+MFA_FUNC void mfa_atomic_add2(float* p, float a, float b) {
+  p[0] += a;
+  p[1] += b;
+}
 
 // Copy 16 bytes from device to threadgroup memory (zeros when !valid), asynchronously.
 MFA_FUNC void mfa_copy16(MFA_TG void* dst, MFA_DEV const void* src, bool valid) {

@@ -31,6 +31,11 @@ MFA_FUNC float mfa_log2f(float x) { return log2f(x); }
 MFA_FUNC float mfa_fmaxf(float a, float b) { return fmaxf(a, b); }
 MFA_FUNC float mfa_tanhf(float x) { return tanhf(x); }
 MFA_FUNC void mfa_atomic_add(float* p, float v) { atomicAdd(p, v); }
+// p[0] += a and p[1] += b (p 8-byte aligned, in global memory) as one vector reduction (sm_90).
+MFA_FUNC void mfa_atomic_add2(float* p, float a, float b) {
+  asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n" ::"l"(__cvta_generic_to_global(p)), "f"(a), "f"(b)
+               : "memory");
+}
 
 MFA_FUNC unsigned mfa_smem_addr(const void* p) {
   return static_cast<unsigned>(__cvta_generic_to_shared(p));

@@ -28,6 +28,11 @@ MFA_FUNC float mfa_tanhf(float x) { return metal::precise::tanh(x); }
 MFA_FUNC void mfa_atomic_add(device float* p, float v) {
   atomic_fetch_add_explicit(reinterpret_cast<device atomic_float*>(p), v, memory_order_relaxed);
 }
+// p[0] += a and p[1] += b (two atomic adds: Metal has no vector form).
+MFA_FUNC void mfa_atomic_add2(device float* p, float a, float b) {
+  mfa_atomic_add(p, a);
+  mfa_atomic_add(p + 1, b);
+}
 
 // Copy 16 bytes from device to threadgroup memory (zeros when !valid).  Metal has no
 // asynchronous copy here: the copy is immediate and commit/wait do nothing.
