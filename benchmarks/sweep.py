@@ -5,10 +5,12 @@
 
 Each ``--case scenario=override,override,...`` lists ``$MFA_BLOCKS`` values (``,`` separates kernels
 inside one value only when joined by ``+``: ``fwd=64x128x4x2+dq=64x128x4x2``; the empty value is the
-default tiles).  Every value is timed on the scenario's plain mfa rows (not the compiled ones), fwd
-and fwd+bwd, as the pipelined time per step (`measure.pipelined_ms`, over ``--seconds`` of calls)
-after a warm-up that also compiles the kernels.  Prints one line per (value, mode) and writes
-``sweep.json``.  MLX reads ``$MFA_BLOCKS`` at each call, so one process serves every value.
+default tiles); an item ``bwd=<form>`` sets ``$MFA_BWD`` instead (``bwd=fused+dkdv=128x128x8x2``;
+``auto`` where a value has none).  Every value is timed on the scenario's plain mfa rows (not the
+compiled ones), fwd and fwd+bwd, as the pipelined time per step (`measure.pipelined_ms`, over
+``--seconds`` of calls) after a warm-up that also compiles the kernels.  Prints one line per (value,
+mode) and writes ``sweep.json``.  mfa reads ``$MFA_BLOCKS`` and ``$MFA_BWD`` at each call, so one
+process serves every value.
 """
 
 from __future__ import annotations
@@ -58,7 +60,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                    if e.backend.startswith("mfa") and not e.backend.endswith("compiled")]
         for round_ in range(args.repeat):
             for value in values.split(","):
-                os.environ["MFA_BLOCKS"] = value.replace("+", ",")
+                items = value.split("+")
+                os.environ["MFA_BLOCKS"] = ",".join(i for i in items if not i.startswith("bwd="))
+                os.environ["MFA_BWD"] = next((i[4:] for i in items if i.startswith("bwd=")), "auto")
                 for e in entries:
                     try:
                         ms = _pipelined(e.step, args.seconds)
@@ -71,6 +75,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                           flush=True)
                 (out / "sweep.json").write_text(json.dumps({"device": bench.device_name(), "rows": rows}, indent=1))
     os.environ.pop("MFA_BLOCKS", None)
+    os.environ.pop("MFA_BWD", None)
     return 0
 
 

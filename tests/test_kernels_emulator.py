@@ -497,7 +497,7 @@ def test_metal_tiles_fit_threadgroup_memory():
                 assert kernels.blocks.shared_bytes(name, tiles, D, dtype.size) <= 32 * 1024
 
 
-# -- fused backward (FUSED_DQ: dq by atomic adds in the dk/dv kernel, $MFA_BWD=fused) ----------------
+# -- fused backward (FUSED_DQ: dq by bulk reductions in the dk/dv kernel, $MFA_BWD=fused) ----------
 
 def fused_launches(spec, inputs):
     """The kernels (name -> FUSED_DQ or None) that one backward launches (recorded, not run)."""

@@ -388,11 +388,14 @@ def fused_dq(form: str, target: str, spec: AttentionSpec, layout: Optional[BiasL
     """Whether the dk/dv kernel also computes dq (FUSED_DQ), so that no dq kernel runs.
 
     FlashAttention-2's backward: dS goes through shared memory and each key tile adds its share
-    of dq with float32 atomic adds — 5 tile products instead of the split backward's 7, plus the
-    atomics and a float32 dq buffer.  Chosen by ``$MFA_BWD=fused`` only (`backward_form`): on
-    an H100 it loses to the split backward (block-sparse 10 % of 128 x 128 blocks, N = 16384,
-    fwd+bwd pipelined: split 1.39 ms, fused 1.88, fused with 8-warp 128 x 128 dk/dv tiles 1.51;
-    its dk/dv kernel takes 1361 µs against the split dq + dk/dv 524 + 540).  It needs no gradient the dq kernel reduces (ALiBi
+    of dq to a float32 dq buffer — 5 tile products instead of the split backward's 7, plus the
+    adds.  Each warp stages its float dq rows over the work item's spent Q and dO tiles and adds
+    them as one bulk reduction a row (FlashAttention-3's form: ``cp.reduce.async.bulk`` on CUDA,
+    done by the copy engine while the warps go on; atomic adds on Metal).  Chosen by
+    ``$MFA_BWD=fused`` only (`backward_form`).  The earlier form, two-float atomic adds from
+    registers, lost to the split backward on an H100 (block-sparse 10 % of 128 x 128 blocks,
+    N = 16384, fwd+bwd pipelined: split 1.39 ms, fused 1.88, fused with 8-warp 128 x 128 dk/dv
+    tiles 1.51; its dk/dv kernel took 1361 µs against the split dq + dk/dv 524 + 540).  It needs no gradient the dq kernel reduces (ALiBi
     slopes; a bias with every query row), the query rows of a tile split evenly into whole
     fragments per warp, and the dS tile in the target's shared memory.
     """

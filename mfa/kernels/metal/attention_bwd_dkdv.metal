@@ -13,13 +13,13 @@
 //             element: dS itself, which then gives dq as one matmul, see attention.dq_from_dbias),
 //             3 (bias broadcast over query rows: per key, summed over rows) or 4 (over rows and keys);
 //             dq_accum (B, H, NQ, D) float32 with FUSED_DQ, zero-filled by the launcher: each work
-//             item adds its share scale · dS_raw·k (then no dq kernel runs)
+//             item adds its share scale · dS_raw·k, a bulk reduction per row (then no dq kernel runs)
 //   template: T, D, BQ, BK, NW, STAGES (work items in flight), SMEM, SOFTCAP, ALIBI, BIAS, VARLEN,
 //             SPARSE, DROPOUT, BIAS_TILE, TB (as in attention_fwd.metal; the bias tile of a work
 //             item is staged with its Q and dO), DBIAS (0: none or done by the dq kernel; 1; 3; 4;
 //             1 with BIAS_TILE gathers each work item's dS in shared memory and writes it to dbias
 //             row by row, as the dq kernel does),
-//             TDB (dbias type), FUSED_DQ (1: also dq, by atomic adds; no ALIBI),
+//             TDB (dbias type), FUSED_DQ (1: also dq, by bulk reductions; no ALIBI),
 //             WG (1: Q and dO are core-matrix B tiles for wgmma, frag_wgmma.h; needs BK/NW = 16)
 //   grid (tiles·32·NW, HKV, B), tiles = ceil(NK/BK) or for varlen (NK + S·(BK − 1)) / BK;
 //   threadgroup (32·NW, 1, 1)
@@ -36,10 +36,12 @@ constexpr int QSTAGE = WG ? (QSTAGE_USED + 1023) / 1024 * 1024 : QSTAGE_USED;
 // is compiled but never runs, and BQ/NW may be smaller)
 constexpr int QW = FUSED_DQ ? BQ / NW : kFragRows;
 constexpr int LDS = BK + 8;    // FUSED_DQ: padded row stride of the dS tile (query rows x keys)
+constexpr int LDQ = D + 8;     // FUSED_DQ: ... of the float dq rows, staged over a stage's Q and dO
 constexpr int LDG = BK + 16 / int(sizeof(TDB));  // STAGE_DBIAS: ... of the dS tile in TDB
 constexpr bool STAGE_DBIAS = BIAS_TILE && DBIAS == 1;
 static_assert(WM % kFragRows == 0, "BK/NW must be a multiple of the fragment height");
 static_assert(QW % kFragRows == 0, "FUSED_DQ needs BQ/NW a multiple of the fragment height");
+static_assert(!FUSED_DQ || BQ * LDQ * 4 <= 2 * BQ * LD * int(sizeof(T)), "FUSED_DQ: dq rows exceed Q and dO");
 static_assert(SMEM >= 2 * BK * LD * int(sizeof(T)) + STAGES * QSTAGE + FUSED_DQ * BQ * LDS * int(sizeof(T)) +
                           STAGE_DBIAS * BQ * LDG * int(sizeof(TDB)),
               "SMEM too small");
@@ -205,14 +207,11 @@ for (int w = 1 - STAGES; w < nwork; ++w) {
     Acc<QW, D> dqp;
     dqp.zero();
     mma_ab_shared<BK>(dqp, sdS + warp * QW * LDS, LDS, sK, LD, lc);
+    // the warp's rows go, as float rows, over this stage's Q and dO tiles (no warp reads them
+    // again for this item), and from there into dq_accum as one bulk reduction a row
     const long dq_row0 = long(b * H + h) * NQ + sg.q_lo + q0 + warp * QW;
-    // elements i and i + 1 (even i) are columns c and c + 1 of one row: one two-float add each
-    MFA_UNROLL
-    for (int i = 0; i < Acc<QW, D>::SIZE; i += 2) {
-      const int r = Acc<QW, D>::row(lc, i);
-      if (q0 + warp * QW + r < sg.nq)
-        mfa_atomic_add2(dq_accum + (dq_row0 + r) * D + Acc<QW, D>::col(lc, i), scale * dqp.v[i], scale * dqp.v[i + 1]);
-    }
+    add_acc_rows_async(dqp, scale, reinterpret_cast<MFA_TG float*>(stage) + warp * QW * LDQ, LDQ,
+                       dq_accum + dq_row0 * D, sg.nq - q0 - warp * QW, lc);
   }
 
   // DBIAS 3/4: the key sums of a head are complete once its work items are done; a bias shared
@@ -240,9 +239,11 @@ for (int w = 1 - STAGES; w < nwork; ++w) {
     MFA_UNROLL
     for (int s = 0; s < RowVec<WM>::SIZE; ++s) dbias_keys.v[s] = 0.0f;
   }
+  if (FUSED_DQ) mfa_bulk_wait_read();  // the dq rows have left the stage
   mfa_barrier();  // this stage's buffers may now be refilled
 }
 mfa_async_wait<0>();
+if (FUSED_DQ) mfa_bulk_wait();
 
 MFA_UNROLL
 for (int i = 0; i < Acc<WM, D>::SIZE; ++i) dk.v[i] *= scale;

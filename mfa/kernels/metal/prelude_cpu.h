@@ -50,10 +50,14 @@ MFA_FUNC float mfa_fmaxf(float a, float b) { return std::fmax(a, b); }
 MFA_FUNC float mfa_tanhf(float x) { return std::tanh(x); }
 // Threadgroups run one after another on one OS thread: a plain add is atomic here.
 MFA_FUNC void mfa_atomic_add(float* p, float v) { *p += v; }
-MFA_FUNC void mfa_atomic_add2(float* p, float a, float b) {
-  p[0] += a;
-  p[1] += b;
-}
+// Bulk reductions (see prelude_cuda.h): the source is read at the wait, the latest point the GPU
+// may read it, so a source rewritten before its wait shows up as a wrong sum.
+MFA_FUNC void mfa_bulk_add(float* dst, const float* src, int bytes) { emu::bulk_add(dst, src, bytes); }
+MFA_FUNC void mfa_bulk_fence() {}
+MFA_FUNC void mfa_bulk_commit() {}
+MFA_FUNC void mfa_bulk_wait_read() { emu::bulk_wait(); }
+MFA_FUNC void mfa_bulk_wait() { emu::bulk_wait(); }
+MFA_FUNC void mfa_warp_sync() { emu::warp_barrier(); }
 
 // Copy 16 bytes from device to threadgroup memory (zeros when !valid), asynchronously.
 MFA_FUNC void mfa_copy16(MFA_TG void* dst, MFA_DEV const void* src, bool valid) {

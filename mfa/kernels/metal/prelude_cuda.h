@@ -31,15 +31,29 @@ MFA_FUNC float mfa_log2f(float x) { return log2f(x); }
 MFA_FUNC float mfa_fmaxf(float a, float b) { return fmaxf(a, b); }
 MFA_FUNC float mfa_tanhf(float x) { return tanhf(x); }
 MFA_FUNC void mfa_atomic_add(float* p, float v) { atomicAdd(p, v); }
-// p[0] += a and p[1] += b (p 8-byte aligned, in global memory) as one vector reduction (sm_90).
-MFA_FUNC void mfa_atomic_add2(float* p, float a, float b) {
-  asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n" ::"l"(__cvta_generic_to_global(p)), "f"(a), "f"(b)
-               : "memory");
-}
 
 MFA_FUNC unsigned mfa_smem_addr(const void* p) {
   return static_cast<unsigned>(__cvta_generic_to_shared(p));
 }
+
+// Bulk reductions (sm_90 cp.reduce.async.bulk): dst[e] += src[e] over bytes / 4 floats, src in
+// shared memory, dst in global memory (both 16-byte aligned, bytes a multiple of 16), done by the
+// copy engine while the thread goes on.  The writes to src come first, then mfa_bulk_fence() (they
+// are read through the async proxy) and a warp sync where other lanes wrote them; this thread's
+// reductions since its last mfa_bulk_commit() form one bulk group.
+MFA_FUNC void mfa_bulk_add(float* dst, const float* src, int bytes) {
+  asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;\n" ::"l"(
+                   __cvta_generic_to_global(dst)),
+               "r"(mfa_smem_addr(src)), "r"(bytes)
+               : "memory");
+}
+MFA_FUNC void mfa_bulk_fence() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+MFA_FUNC void mfa_bulk_commit() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
+// Waits until this thread's bulk groups have read their shared memory, which may then be rewritten.
+MFA_FUNC void mfa_bulk_wait_read() { asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory"); }
+// Waits until this thread's bulk groups are complete.
+MFA_FUNC void mfa_bulk_wait() { asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory"); }
+MFA_FUNC void mfa_warp_sync() { __syncwarp(); }
 
 // cp.async of 16 bytes from global to shared memory (zero-filled when !valid).
 MFA_FUNC void mfa_copy16(void* dst, const void* src, bool valid) {

@@ -28,11 +28,15 @@ MFA_FUNC float mfa_tanhf(float x) { return metal::precise::tanh(x); }
 MFA_FUNC void mfa_atomic_add(device float* p, float v) {
   atomic_fetch_add_explicit(reinterpret_cast<device atomic_float*>(p), v, memory_order_relaxed);
 }
-// p[0] += a and p[1] += b (two atomic adds: Metal has no vector form).
-MFA_FUNC void mfa_atomic_add2(device float* p, float a, float b) {
-  mfa_atomic_add(p, a);
-  mfa_atomic_add(p + 1, b);
+// Bulk reductions (see prelude_cuda.h): here the calling thread adds element by element, at once.
+MFA_FUNC void mfa_bulk_add(device float* dst, const threadgroup float* src, int bytes) {
+  for (int e = 0; e < bytes / 4; ++e) mfa_atomic_add(dst + e, src[e]);
 }
+MFA_FUNC void mfa_bulk_fence() {}
+MFA_FUNC void mfa_bulk_commit() {}
+MFA_FUNC void mfa_bulk_wait_read() {}
+MFA_FUNC void mfa_bulk_wait() {}
+MFA_FUNC void mfa_warp_sync() { simdgroup_barrier(mem_flags::mem_threadgroup); }
 
 // Copy 16 bytes from device to threadgroup memory (zeros when !valid).  Metal has no
 // asynchronous copy here: the copy is immediate and commit/wait do nothing.

@@ -55,6 +55,7 @@ struct Fiber {
   std::vector<AsyncCopy> pending;         // cp.async copies not yet completed
   std::vector<size_t> group_ends;         // committed async groups: end offsets into `pending`
   std::vector<std::function<void()>> wgmma_pending;  // wgmmas issued, not yet waited for
+  std::vector<std::function<void()>> bulk_pending;   // bulk reductions issued, not yet waited for
 };
 
 struct Group;
@@ -217,6 +218,8 @@ inline void fiber_main(Fiber* f) {
     fail("kernel returned with cp.async copies never waited for");
   if (!f->wgmma_pending.empty())
     fail("kernel returned with wgmma products never waited for");
+  if (!f->bulk_pending.empty())
+    fail("kernel returned with bulk reductions never waited for");
   f->state = State::Done;
   ++g.done;
   for (;;) yield_to_scheduler();
@@ -308,6 +311,22 @@ inline void async_wait(int keep_groups) {
   for (size_t& e : f.group_ends) e -= end;
 }
 
+// ---- bulk reductions (cp.reduce.async.bulk: the source is read only at the wait) -------------
+
+inline void bulk_add(float* dst, const float* src, int bytes) {
+  if ((reinterpret_cast<uintptr_t>(dst) | reinterpret_cast<uintptr_t>(src) | uintptr_t(bytes)) % 16 != 0)
+    fail("bulk reduction with an address or size that is not a multiple of 16 bytes");
+  g_fiber->bulk_pending.push_back([=]() {
+    for (int e = 0; e < bytes / 4; ++e) dst[e] += src[e];
+  });
+}
+
+inline void bulk_wait() {
+  Fiber& f = *g_fiber;
+  for (auto& add : f.bulk_pending) add();
+  f.bulk_pending.clear();
+}
+
 // ---- scheduler ------------------------------------------------------------------------------
 
 inline const char* state_name(State s) {
@@ -371,6 +390,7 @@ inline void run_group(Group& g) {
     f.pending.clear();
     f.group_ends.clear();
     f.wgmma_pending.clear();
+    f.bulk_pending.clear();
     fiber_init(f);
   }
   while (g.launch->error.empty()) {
