@@ -395,9 +395,10 @@ def fused_dq(form: str, target: str, spec: AttentionSpec, layout: Optional[BiasL
     ``$MFA_BWD=fused`` only (`backward_form`).  The earlier form, two-float atomic adds from
     registers, lost to the split backward on an H100 (block-sparse 10 % of 128 x 128 blocks,
     N = 16384, fwd+bwd pipelined: split 1.39 ms, fused 1.88, fused with 8-warp 128 x 128 dk/dv
-    tiles 1.51; its dk/dv kernel took 1361 µs against the split dq + dk/dv 524 + 540).  It needs no gradient the dq kernel reduces (ALiBi
-    slopes; a bias with every query row), the query rows of a tile split evenly into whole
-    fragments per warp, and the dS tile in the target's shared memory.
+    tiles 1.51; its dk/dv kernel took 1361 µs against the split dq + dk/dv 524 + 540).  It needs
+    no gradient the dq kernel reduces (ALiBi slopes; a bias with every query row), the query rows
+    of a tile split evenly into whole fragments per warp, and the dS tile in the target's shared
+    memory.
     """
     arch = build.arch_of(target)
     return (form == "fused" and not spec.has_alibi and not (layout is not None and layout.mode in DQ_MODES)

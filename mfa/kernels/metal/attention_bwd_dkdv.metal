@@ -210,8 +210,10 @@ for (int w = 1 - STAGES; w < nwork; ++w) {
     // the warp's rows go, as float rows, over this stage's Q and dO tiles (no warp reads them
     // again for this item), and from there into dq_accum as one bulk reduction a row
     const long dq_row0 = long(b * H + h) * NQ + sg.q_lo + q0 + warp * QW;
-    add_acc_rows_async(dqp, scale, reinterpret_cast<MFA_TG float*>(stage) + warp * QW * LDQ, LDQ,
-                       dq_accum + dq_row0 * D, sg.nq - q0 - warp * QW, lc);
+    MFA_UNROLL
+    for (int i = 0; i < Acc<QW, D>::SIZE; ++i) dqp.v[i] *= scale;
+    add_acc_rows_async(dqp, reinterpret_cast<MFA_TG float*>(stage) + warp * QW * LDQ, LDQ, dq_accum + dq_row0 * D,
+                       sg.nq - q0 - warp * QW, lc);
   }
 
   // DBIAS 3/4: the key sums of a head are complete once its work items are done; a bias shared

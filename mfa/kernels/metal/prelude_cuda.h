@@ -36,25 +36,6 @@ MFA_FUNC unsigned mfa_smem_addr(const void* p) {
   return static_cast<unsigned>(__cvta_generic_to_shared(p));
 }
 
-// Bulk reductions (sm_90 cp.reduce.async.bulk): dst[e] += src[e] over bytes / 4 floats, src in
-// shared memory, dst in global memory (both 16-byte aligned, bytes a multiple of 16), done by the
-// copy engine while the thread goes on.  The writes to src come first, then mfa_bulk_fence() (they
-// are read through the async proxy) and a warp sync where other lanes wrote them; this thread's
-// reductions since its last mfa_bulk_commit() form one bulk group.
-MFA_FUNC void mfa_bulk_add(float* dst, const float* src, int bytes) {
-  asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;\n" ::"l"(
-                   __cvta_generic_to_global(dst)),
-               "r"(mfa_smem_addr(src)), "r"(bytes)
-               : "memory");
-}
-MFA_FUNC void mfa_bulk_fence() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
-MFA_FUNC void mfa_bulk_commit() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
-// Waits until this thread's bulk groups have read their shared memory, which may then be rewritten.
-MFA_FUNC void mfa_bulk_wait_read() { asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory"); }
-// Waits until this thread's bulk groups are complete.
-MFA_FUNC void mfa_bulk_wait() { asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory"); }
-MFA_FUNC void mfa_warp_sync() { __syncwarp(); }
-
 // cp.async of 16 bytes from global to shared memory (zero-filled when !valid).
 MFA_FUNC void mfa_copy16(void* dst, const void* src, bool valid) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(mfa_smem_addr(dst)),
@@ -232,3 +213,22 @@ MFA_FUNC void mfa_fence_regs(unsigned* r) {
 // Makes this thread's completed writes to shared memory (cp.async included) visible to wgmma
 // reads (the async proxy); before the barrier that publishes them.
 MFA_FUNC void mfa_proxy_fence() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+
+// Bulk reductions (sm_90 cp.reduce.async.bulk): dst[e] += src[e] over bytes / 4 floats, src in
+// shared memory, dst in global memory (both 16-byte aligned, bytes a multiple of 16), done by the
+// copy engine while the thread goes on.  The writes to src come first, then mfa_bulk_fence() (they
+// are read through the async proxy) and a warp sync where other lanes wrote them; this thread's
+// reductions since its last mfa_bulk_commit() form one bulk group.
+MFA_FUNC void mfa_bulk_add(float* dst, const float* src, int bytes) {
+  asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;\n" ::"l"(
+                   __cvta_generic_to_global(dst)),
+               "r"(mfa_smem_addr(src)), "r"(bytes)
+               : "memory");
+}
+MFA_FUNC void mfa_bulk_fence() { mfa_proxy_fence(); }
+MFA_FUNC void mfa_bulk_commit() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
+// Waits until this thread's bulk groups have read their shared memory, which may then be rewritten.
+MFA_FUNC void mfa_bulk_wait_read() { asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory"); }
+// Waits until this thread's bulk groups are complete.
+MFA_FUNC void mfa_bulk_wait() { asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory"); }
+MFA_FUNC void mfa_warp_sync() { __syncwarp(); }

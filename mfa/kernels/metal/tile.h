@@ -93,15 +93,14 @@ MFA_FUNC void acc_to_shared(MFA_THR const Acc<M, N>& a, MFA_TG T* dst, int ld, L
   for (int i = 0; i < Acc<M, N>::SIZE; ++i) dst[Acc<M, N>::row(lc, i) * ld + Acc<M, N>::col(lc, i)] = static_cast<T>(a.v[i]);
 }
 
-// Add scale · a (a warp's M x N accumulator) to rows < rows_valid of float device memory dst (row
-// stride N) by bulk reductions: the warp writes its rows into `stage` (float, row stride ld; rows
-// and dst 16-byte aligned), then lane r adds row r.  Asynchronous on CUDA: the lanes call
+// Add a warp's M x N accumulator to rows < rows_valid of float device memory dst (row stride N)
+// by bulk reductions: the warp writes its rows into `stage` (float, row stride ld; rows and dst
+// 16-byte aligned), then lane r adds row r.  Asynchronous on CUDA: the lanes call
 // mfa_bulk_wait_read() before `stage` is written again and mfa_bulk_wait() before returning.
 template <int M, int N>
-MFA_FUNC void add_acc_rows_async(MFA_THR const Acc<M, N>& a, float scale, MFA_TG float* stage, int ld,
-                                 MFA_DEV float* dst, int rows_valid, LaneCoord lc) {
-  MFA_UNROLL
-  for (int i = 0; i < Acc<M, N>::SIZE; ++i) stage[Acc<M, N>::row(lc, i) * ld + Acc<M, N>::col(lc, i)] = scale * a.v[i];
+MFA_FUNC void add_acc_rows_async(MFA_THR const Acc<M, N>& a, MFA_TG float* stage, int ld, MFA_DEV float* dst,
+                                 int rows_valid, LaneCoord lc) {
+  acc_to_shared(a, stage, ld, lc);
   mfa_bulk_fence();
   mfa_warp_sync();
   for (int r = lc.lane; r < M && r < rows_valid; r += 32) mfa_bulk_add(dst + r * N, stage + r * ld, N * 4);
