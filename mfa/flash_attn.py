@@ -7,8 +7,9 @@ Code written for ``flash_attn`` ports by changing one import::
 Differences: arrays are `mx.array`; ``dropout_seed`` replaces torch's RNG state;
 ``return_attn_probs=True`` returns ``(out, softmax_lse, None)`` (the probabilities are never
 materialized); ``deterministic=True`` is `mfa.flash_attention`'s: the call avoids every route
-whose backward sums with atomic adds (on CUDA, cuDNN's SDPA backward: it runs mfa's kernels
-instead, whose dq, dk, dv are plain stores; checked on the GPU by ``test_backward_is_deterministic``).
+whose backward sums with atomic adds (on CUDA, cuDNN's SDPA backward, and with dropout the fused
+backward that adds dq with atomics: it runs mfa's split kernels instead, whose dq, dk, dv are
+plain stores; checked on the GPU by ``test_backward_is_deterministic``).
 """
 
 from __future__ import annotations

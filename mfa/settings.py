@@ -23,6 +23,8 @@ class Settings(NamedTuple):
         wgmma: ``$MFA_WGMMA`` is not ``0``: Hopper wgmma B tiles allowed.
         backward: ``$MFA_BWD``, the native backward's form (see `mfa.kernels.attention.backward_form`).
         verbose: ``$MFA_KERNEL_VERBOSE`` set (not ``0``): MLX prints each kernel's generated source.
+        deterministic: not from the environment: the router sets it for a ``deterministic=True``
+            call, whose native backward then takes no form that adds with atomics.
     """
 
     backend: str
@@ -31,6 +33,7 @@ class Settings(NamedTuple):
     wgmma: bool
     backward: str
     verbose: bool
+    deterministic: bool = False
 
 
 def _flag(value: str) -> bool:

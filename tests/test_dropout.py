@@ -34,6 +34,31 @@ def test_mask_matches_the_counter_hash():
     np.testing.assert_array_equal(kept, np.array(expected))
 
 
+def test_mask_has_no_structure_across_rows_columns_heads_or_seeds():
+    """The keep bits of neighbouring rows, columns, heads and seeds are uncorrelated, and no row
+    repeats another shifted along the columns (the Weyl walk of each row starts at its own key)."""
+    p, N = 0.5, 512
+    rows, cols = mx.arange(N).reshape(-1, 1), mx.arange(N).reshape(1, -1)
+    head = mx.arange(4).reshape(4, 1, 1)
+    keep = np.array(dropout.keep_mask(7, p, head, rows, cols)).astype(np.float64)
+    other_seed = np.array(dropout.keep_mask(8, p, head, rows, cols)).astype(np.float64)
+    tolerance = 5 / np.sqrt(keep[..., 1:, :].size)  # five standard errors of a correlation
+
+    def correlation(a, b):
+        return np.corrcoef(a.ravel(), b.ravel())[0, 1]
+
+    assert abs(keep.mean() - (1 - p)) < tolerance
+    assert abs(correlation(keep[:, 1:], keep[:, :-1])) < tolerance  # adjacent rows
+    assert abs(correlation(keep[..., 1:], keep[..., :-1])) < tolerance  # adjacent columns
+    assert abs(correlation(keep[1:], keep[:-1])) < 5 / np.sqrt(keep[1:].size)  # adjacent heads
+    assert abs(correlation(keep, other_seed)) < 5 / np.sqrt(keep.size)  # adjacent seeds
+    # a row shifted by s columns against every other row: agreement stays at one half
+    flat = keep[0]
+    for s in (1, 2, 3, 64):
+        agree = (flat[1:, s:] == flat[:-1, :-s]).mean()
+        assert abs(agree - 0.5) < 5 * 0.5 / np.sqrt(flat[1:, s:].size)
+
+
 def test_reproducible_for_a_seed_and_different_across_seeds():
     q, k, v = random_qkv(1, 2, 2, 40, 40, 16)
     a = mfa.flash_attention(q, k, v, dropout_p=0.2, dropout_seed=5, backend="tiled")

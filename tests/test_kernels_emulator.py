@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from conftest import check_rule, random_qkv
 
+import mfa
 from mfa import BlockMask, kernels
 from mfa.kernels import attention, offline, sources, sparse
 from mfa.ops import dropout
@@ -455,10 +456,34 @@ def test_dropout_mask_is_the_counter_hash_bit_for_bit(arch):
     np.testing.assert_array_equal(np.array(out) > 0, np.array(expected))
 
 
-@pytest.mark.parametrize("causal", [False, True])
-def test_dropout_gradients_regenerate_the_mask(arch, causal):
-    q, k, v = random_qkv(2, 4, 2, 70, 90, 64, dtype=default_dtype(arch), seed=4)
+@pytest.mark.parametrize("causal,form", [(False, "auto"), (True, "auto"), (True, "split")])
+def test_dropout_gradients_regenerate_the_mask(arch, causal, form, monkeypatch):
+    """Both backward forms (on the CUDA family auto is the fused one here, `fuses_by_default`)."""
+    monkeypatch.setenv("MFA_BWD", form)
+    q, k, v = random_qkv(2, 4, 4, 70, 90, 64, dtype=default_dtype(arch), seed=4)
     check(q, k, v, causal, dropout_p=0.25, dropout_seed=1234)
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_dropout_backward_is_fused_by_default_on_cuda(arch, deterministic, monkeypatch):
+    """$MFA_BWD=auto: a dropout call's backward (D <= 64, no GQA) hashes its mask once, in the fused
+    dk/dv kernel, on the CUDA family; on Metal, for deterministic=True (no atomic adds), at D = 128
+    and with GQA, the dq kernel runs."""
+    monkeypatch.setenv("MFA_BWD", "auto")
+
+    def launches(Hkv, D):
+        q, k, v = random_qkv(2, 4, Hkv, 70, 90, D, dtype=mx.float16, seed=3)
+
+        def run():
+            mx.vjp(lambda q: mfa.flash_attention(q, k, v, dropout_p=0.2, dropout_seed=1, backend="emulator",
+                                                 deterministic=deterministic), [q], [q])
+
+        return {name: dict(template).get("FUSED_DQ") for name, template, _, _ in offline.record_cuda_launches(run)}
+
+    fused = arch == "cuda" and not deterministic
+    for Hkv, D, expected in [(4, 64, fused), (4, 128, False), (2, 64, False)]:
+        seen = launches(Hkv, D)
+        assert ("attention_bwd_dq" not in seen) == expected and seen["attention_bwd_dkdv"] == int(expected), (Hkv, D)
 
 
 # -- what the kernels decline ---------------------------------------------------------------------

@@ -118,6 +118,10 @@ def test_deterministic_calls_avoid_the_routes_with_atomic_adds(monkeypatch):
         full = AttentionInputs(q, k, v, bias=mx.zeros(shape, mx.bfloat16))
         assert routing.choose("cuda", with_bias, full, False, deterministic=True).backend == "cuda", shape
 
+    # dropout: the split backward (`fuses_by_default` is off for a deterministic call)
+    dropout = AttentionSpec(scale=0.125, causal=True, dropout_p=0.1)
+    assert routing.choose("auto", dropout, dense, False, deterministic=True).backend == "cuda"
+
     monkeypatch.setenv("MFA_BWD", "fused")
     assert routing.choose("cuda", causal, dense, False).backend == "cuda"
     with pytest.raises(NotImplementedError, match="MFA_BWD=fused"):

@@ -322,27 +322,51 @@ def bias_tiles(spec: AttentionSpec, inputs: AttentionInputs, layout: Optional[Bi
 
 
 def backward_form(settings: Optional[Settings] = None) -> str:
-    """``$MFA_BWD``: ``auto`` (the default: `dq_from_dbias` where it applies, else ``split``),
-    ``split`` (always the dq kernel, then the dk/dv kernel) or ``fused`` (`fused_dq` where it
-    applies, else ``split``); ``settings.backward``, or the environment now when ``settings`` is None."""
+    """``$MFA_BWD``: ``auto`` (the default: `dq_from_dbias` where it applies, `fused_dq` where
+    `fuses_by_default`, else ``split``), ``split`` (always the dq kernel, then the dk/dv kernel)
+    or ``fused`` (`fused_dq` where it applies, else ``split``); ``settings.backward``, or the
+    environment now when ``settings`` is None."""
     choice = (settings or read_settings()).backward
     if choice not in ("auto", "split", "fused"):
         raise ValueError(f"MFA_BWD={choice!r} must be 'auto', 'split' or 'fused'")
     return choice
 
 
-def atomic_adds(inputs: AttentionInputs, settings: Optional[Settings] = None) -> Optional[str]:
+def fuses_by_default(target: str, spec: AttentionSpec, inputs: AttentionInputs, settings: Settings) -> bool:
+    """Whether ``$MFA_BWD=auto`` asks for `fused_dq`: on CUDA, with dropout, a head dim of at
+    most 64 and as many key heads as query heads, unless the call is deterministic
+    (``settings.deterministic``: the fused form adds dq with atomics).
+
+    Dropout's keep bit is a hash of each weight; the split backward hashes every weight in both
+    of its kernels, the fused one once.  H100, bf16, dropout 0.1, fwd+bwd pipelined ms, split /
+    fused: B=2 H=16 N=4096 D=64 causal 1.46 / 1.35; B=4 H=16 N=2048 D=64 1.30 / 1.23; B=8 H=16
+    N=1024 D=64 causal 0.465 / 0.468; but D=128 causal 2.04 / 2.39 and B=2 H=32 Hkv=8 N=4096
+    D=128 causal 4.14 / 5.12 (``benchmarks/results/h100_dropout_1207.md``).  Without dropout
+    the split form wins (plain causal N=4096 D=64: 0.91 / 1.05 ms; block-sparse and window too).
+    Metal's fused form adds element by element and is unmeasured: split.
+    """
+    return (settings.backward == "auto" and not settings.deterministic and spec.has_dropout
+            and build.arch_of(target) == "cuda" and inputs.q.shape[-1] <= 64
+            and inputs.k.shape[1] == inputs.q.shape[1])
+
+
+def atomic_adds(target: str, spec: AttentionSpec, inputs: AttentionInputs,
+                settings: Optional[Settings] = None) -> Optional[str]:
     """What this call's native backward sums with float32 atomic adds, whose order (and so whose
     last bits) depends on the GPU's scheduling; None when every gradient is written by plain
     stores (dq, dk, dv, dslopes' per-tile shares, and a dbias with one writer an entry or summed
     over the batch in place): then repeated calls give the same bits.
 
-    Atomic adds come from ``$MFA_BWD=fused`` (dq, `fused_dq`) and from a bias broadcast so that
-    several threadgroups reduce into one dbias entry (neither `BiasLayout.unique` nor
+    Atomic adds come from the fused backward (dq, `fused_dq`: ``$MFA_BWD=fused``, or
+    `fuses_by_default`, which a deterministic call's settings turn off) and from a bias broadcast
+    so that several threadgroups reduce into one dbias entry (neither `BiasLayout.unique` nor
     ``batch_summed``: e.g. ``(B, 1, 1, Nk)`` over several heads, or a scalar).
     """
+    settings = settings or read_settings()
     if backward_form(settings) == "fused":
         return "$MFA_BWD=fused adds dq with float32 atomic adds"
+    if fuses_by_default(target, spec, inputs, settings):
+        return "the fused backward of a dropout call adds dq with float32 atomic adds"
     if inputs.bias is None:
         return None
     B, H, Nq, _ = inputs.q.shape
@@ -383,8 +407,8 @@ def _dq_of_dbias(dbias: mx.array, k: mx.array, scale: float) -> mx.array:
     return dq.reshape(B, H, Nq, D)
 
 
-def fused_dq(form: str, target: str, spec: AttentionSpec, layout: Optional[BiasLayout], tiles: Tiles, d: int,
-             dtype: mx.Dtype) -> bool:
+def fused_dq(settings: Settings, target: str, spec: AttentionSpec, inputs: AttentionInputs,
+             layout: Optional[BiasLayout], tiles: Tiles, d: int) -> bool:
     """Whether the dk/dv kernel also computes dq (FUSED_DQ), so that no dq kernel runs.
 
     FlashAttention-2's backward: dS goes through shared memory and each key tile adds its share
@@ -392,18 +416,20 @@ def fused_dq(form: str, target: str, spec: AttentionSpec, layout: Optional[BiasL
     adds.  Each warp stages its float dq rows over the work item's spent Q and dO tiles and adds
     them as one bulk reduction a row (FlashAttention-3's form: ``cp.reduce.async.bulk`` on CUDA,
     done by the copy engine while the warps go on; atomic adds on Metal).  Chosen by
-    ``$MFA_BWD=fused`` only (`backward_form`).  The earlier form, two-float atomic adds from
-    registers, lost to the split backward on an H100 (block-sparse 10 % of 128 x 128 blocks,
-    N = 16384, fwd+bwd pipelined: split 1.39 ms, fused 1.88, fused with 8-warp 128 x 128 dk/dv
-    tiles 1.51; its dk/dv kernel took 1361 µs against the split dq + dk/dv 524 + 540).  It needs
+    ``$MFA_BWD=fused`` or `fuses_by_default` (dropout on CUDA).  Without dropout it loses to the
+    split backward on an H100 (block-sparse 10 % of 128 x 128 blocks, N = 16384, fwd+bwd
+    pipelined: split 1.43 ms, fused 1.67, with 8-warp 128 x 128 dk/dv tiles 1.50; the earlier
+    two-float atomic adds from registers: 1.88 and 1.51).  It needs
     no gradient the dq kernel reduces (ALiBi slopes; a bias with every query row), the query rows
     of a tile split evenly into whole fragments per warp, and the dS tile in the target's shared
     memory.
     """
     arch = build.arch_of(target)
-    return (form == "fused" and not spec.has_alibi and not (layout is not None and layout.mode in DQ_MODES)
+    wanted = backward_form(settings) == "fused" or fuses_by_default(target, spec, inputs, settings)
+    return (wanted and not spec.has_alibi and not (layout is not None and layout.mode in DQ_MODES)
             and tiles.block_q % (tiles.warps * FRAGMENT_ROWS[arch]) == 0
-            and shared_bytes("attention_bwd_dkdv", tiles, d, dtype.size, fused_dq=True) <= SHARED_LIMIT[arch])
+            and shared_bytes("attention_bwd_dkdv", tiles, d, inputs.q.dtype.size, fused_dq=True)
+            <= SHARED_LIMIT[arch])
 
 
 def exact_out(spec: AttentionSpec, layout: Optional[BiasLayout]) -> bool:
@@ -584,7 +610,7 @@ def backward(target: str, spec: AttentionSpec, inputs: AttentionInputs, out: mx.
 
     variants = [call.params, call.fparams, call.slopes, call.bias]
     stage_bias = bias_tiles(spec, inputs, layout)
-    fused = fused_dq(form, target, spec, layout, dkdv_tiles, d, q.dtype)
+    fused = not by_dbias and fused_dq(settings, target, spec, inputs, layout, dkdv_tiles, d)
 
     def launch_grad(name, t, transposed, modes, ins, grads, extra, heads, zero, batches=B):
         """One backward kernel on inputs `ins` (then the variants' buffers): its gradients, dbias

@@ -70,8 +70,9 @@ def flash_attention(
         deterministic: make the backward reproducible bit for bit: ``auto`` then skips the
             routes known to sum gradients with atomic adds (cuDNN's SDPA backward; in mfa's
             native backward, the dbias of a bias broadcast so that threadgroups share its
-            entries, and ``$MFA_BWD=fused``), and an explicit backend that would use them
-            raises NotImplementedError. Default: ``False``.
+            entries, and ``$MFA_BWD=fused``), the native backward of a dropout call takes its
+            split form (dq by plain stores) instead of the fused one, and an explicit backend
+            that would use atomic adds raises NotImplementedError. Default: ``False``.
         backend: ``"auto"``, ``"sdpa"``, ``"tiled"``, ``"metal"``, ``"cuda"``, ``"emulator"``
             or ``"reference"``. Default: ``"auto"``.
 

@@ -4,12 +4,17 @@ The keep decision for attention weight ``(head, i, j)`` is a pure function of
 ``(seed, head, i, j)``: no random state is stored, so the backward regenerates exactly the
 forward's mask, tile by tile, and native kernels reproduce it bit for bit.
 
-    x = mix(seed ^ mix(head ^ mix(i ^ mix(j ^ GOLDEN))))     # all uint32, wrapping
+    stream = mix(seed ^ mix(head ^ GOLDEN))                 # all uint32, wrapping
+    x = mix(mix(i ^ stream) + j * GOLDEN)
     keep  <=>  (x >> 8) * 2**-24 >= p
 
 ``mix`` is the "lowbias32" integer finalizer (Chris Wellons' hash-prospector).  ``head`` is the
 flat query head ``b * H + h``; ``i`` and ``j`` are the row and column in the (packed) score
-matrix.
+matrix.  Each row gets its own key, ``mix(i ^ stream)``, and its columns walk a Weyl sequence
+from it (SplitMix's construction), so a weight costs one multiply-add and one ``mix``: a kernel
+computes the stream once per head and each row's key once per row.  (The earlier form, four
+``mix`` rounds a weight, made the integer work the bound: on an H100 dropout took the forward
+from 0.24 to 0.78 ms.)
 """
 
 from __future__ import annotations
@@ -33,10 +38,8 @@ def _mix(x: mx.array) -> mx.array:
 def uniform_bits(seed: int, head: mx.array, row: mx.array, col: mx.array) -> mx.array:
     """24 uniformly distributed bits (as uint32) per ``(head, row, col)``, broadcast together."""
     u32 = mx.uint32
-    x = _mix(col.astype(u32) ^ GOLDEN)
-    x = _mix(row.astype(u32) ^ x)
-    x = _mix(head.astype(u32) ^ x)
-    x = _mix(mx.array(seed & 0xFFFFFFFF, dtype=u32) ^ x)
+    stream = _mix(mx.array(seed & 0xFFFFFFFF, dtype=u32) ^ _mix(head.astype(u32) ^ GOLDEN))
+    x = _mix(_mix(row.astype(u32) ^ stream) + col.astype(u32) * GOLDEN)
     return x >> 8
 
 

@@ -101,7 +101,7 @@ def _native_reason_not(target: str, spec: AttentionSpec, inputs: AttentionInputs
         return f"{target} kernels are not available on this machine"
     why = kernels.unsupported_reason(target, spec, inputs, settings)
     if why is None and deterministic:
-        atomics = kernels.atomic_adds(inputs, settings)
+        atomics = kernels.atomic_adds(target, spec, inputs, settings)
         why = None if atomics is None else f"deterministic=True, but {atomics}"
     return why
 
@@ -127,8 +127,9 @@ def choose(requested: str, spec: AttentionSpec, inputs: AttentionInputs, return_
     """Resolve ``requested`` (a backend name or "auto") to the route that runs; with
     ``deterministic``, one whose backward sums no gradient with atomic adds (an explicit backend
     that would raises NotImplementedError).  ``settings``: the call's ``$MFA_*`` switches (None
-    reads them now)."""
-    settings = settings or read_settings()
+    reads them now; a deterministic call's carry ``deterministic``, which the kernels' backward
+    reads)."""
+    settings = (settings or read_settings())._replace(deterministic=deterministic)
     if requested == "auto":
         requested = settings.backend
     if requested in NATIVE_TARGETS:
@@ -218,7 +219,7 @@ def attend(
         reference: computes the call with the naive oracle (``backend="reference"``).
         deterministic: route only to a backward without atomic adds (see `choose`).
     """
-    settings = read_settings()
+    settings = read_settings()._replace(deterministic=bool(deterministic))
     route = choose(backend, spec, inputs, return_lse, deterministic, settings)
     _log(route, settings)
     if route.backend == "reference":

@@ -155,8 +155,11 @@ MFA_FUNC bool tile_bit(MFA_DEV const unsigned* bits, int p, int row, int col) {
 }
 
 // Dropout (mfa/ops/dropout.py): attention weight (head, row, col) survives when
-//   x = mix(seed ^ mix(head ^ mix(row ^ mix(col ^ GOLDEN)))),  (x >> 8) >= threshold,
-// with mix the lowbias32 finalizer; row and col index the packed score matrix.
+//   stream = mix(seed ^ mix(head ^ GOLDEN)),  x = mix(mix(row ^ stream) + col * GOLDEN),
+//   (x >> 8) >= threshold,
+// with mix the lowbias32 finalizer; row and col index the packed score matrix.  The row key
+// mix(row ^ stream) is the same for every weight of a row (the compiler computes it once per
+// row of a thread's fragment), so a weight costs one multiply-add and one mix.
 MFA_FUNC unsigned dropout_mix(unsigned x) {
   x ^= x >> 16;
   x *= 0x7FEB352Du;
@@ -167,23 +170,19 @@ MFA_FUNC unsigned dropout_mix(unsigned x) {
 }
 
 struct Dropout {
-  unsigned seed, threshold, head;
-  float scale;  // 1 / (1 - p)
+  unsigned stream, threshold;  // threshold: of the 24 high bits
+  float scale;                 // 1 / (1 - p)
 
   MFA_FUNC static Dropout from(MFA_DEV const int* params, float scale, int head) {
     Dropout d;
-    d.seed = unsigned(params[kDropSeed]);
+    d.stream = dropout_mix(unsigned(params[kDropSeed]) ^ dropout_mix(unsigned(head) ^ 0x9E3779B9u));
     d.threshold = unsigned(params[kDropThreshold]);
-    d.head = unsigned(head);
     d.scale = scale;
     return d;
   }
   // The factor of weight (row, col): 1/(1-p) when kept, 0 when dropped.
   MFA_FUNC float factor(int row, int col) const {
-    unsigned x = dropout_mix(unsigned(col) ^ 0x9E3779B9u);
-    x = dropout_mix(unsigned(row) ^ x);
-    x = dropout_mix(head ^ x);
-    x = dropout_mix(seed ^ x);
+    const unsigned x = dropout_mix(dropout_mix(unsigned(row) ^ stream) + unsigned(col) * 0x9E3779B9u);
     return (x >> 8) >= threshold ? scale : 0.0f;
   }
 };
