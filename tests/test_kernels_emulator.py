@@ -585,6 +585,29 @@ def test_fused_dq_stays_split_where_the_dq_kernel_reduces_a_gradient(monkeypatch
         fused_launches(AttentionSpec(scale=0.125), AttentionInputs(q, k, v, None, None, None, None, None))
 
 
+def test_causal_grids_put_the_heads_in_x(arch):
+    """HX (`attention.heads_first`): on the CUDA family a causal call's three kernels walk the
+    heads in x, so the longest tiles of every head start first; windowed, block-sparse and
+    non-causal calls, and Metal, keep the tiles in x.  The causal numerics of the other tests run
+    under HX = 1 on the CUDA family."""
+    q, k, v = random_qkv(2, 4, 2, 70, 90, 64, dtype=mx.float16, seed=2)
+    mask = BlockMask.from_mask_mod(lambda b, h, i, j: (i // 16 + j // 16) % 3 != 1, 1, 1, 70, 90, block_size=16)
+
+    def flags(**options):
+        spec = AttentionSpec(scale=0.125, **options)
+
+        def run():
+            out, lse = attention.forward("emulator", spec, AttentionInputs(q, k, v))
+            attention.backward("emulator", spec, AttentionInputs(q, k, v), out, lse, out, None)
+
+        return {name: dict(template)["HX"] for name, template, _, _ in offline.record_cuda_launches(run)
+                if name != "attention_bwd_preprocess"}
+
+    assert set(flags(causal=True).values()) == {int(arch == "cuda")}
+    for options in (dict(), dict(causal=True, window=(20, 0)), dict(causal=True, block_mask=mask)):
+        assert set(flags(**options).values()) == {0}, options
+
+
 # -- wgmma B tiles (WG = 1: the CUDA family's tensor-core reads from swizzled shared tiles) ---------
 
 def wg_flags(spec, inputs):

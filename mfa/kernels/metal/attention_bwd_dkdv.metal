@@ -46,14 +46,17 @@ static_assert(SMEM >= 2 * BK * LD * int(sizeof(T)) + STAGES * QSTAGE + FUSED_DQ 
                           STAGE_DBIAS * BQ * LDG * int(sizeof(TDB)),
               "SMEM too small");
 
-const int hk = int(threadgroup_position_in_grid.y);
+// this threadgroup's head and grid tile: HX (`heads_first`) puts the heads in x, so the GPU
+// dispatches the same (longest first) tile rank of every head together
+const int hk = int(HX ? threadgroup_position_in_grid.x : threadgroup_position_in_grid.y);
+const int grid_tile = int(HX ? threadgroup_position_in_grid.y : threadgroup_position_in_grid.x);
 const int b = int(threadgroup_position_in_grid.z);
 const int tid = int(thread_index_in_threadgroup);
 const int warp = tid / 32;
 const LaneCoord lc = lane_coord(tid % 32);
 
 const int H = params[kH], HKV = params[kHKV], NQ = params[kNQ], NK = params[kNK];
-const Segment sg = Segment::of<VARLEN>(int(threadgroup_position_in_grid.x), b, params, sched);
+const Segment sg = Segment::of<VARLEN>(grid_tile, b, params, sched);
 if (!sg.valid) return;
 const Band band = Band::from(sg.nq, sg.nk, params[kLeft], params[kRight]);
 Scores<SOFTCAP, ALIBI> sc = Scores<SOFTCAP, ALIBI>::from(fparams[0], fparams[2], fparams[3], 0.0f, sg.nk - sg.nq);

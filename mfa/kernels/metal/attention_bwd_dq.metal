@@ -35,8 +35,10 @@ static_assert(SMEM >= (2 * BQ + 2 * STAGES * BK) * LD * int(sizeof(T)) + BIAS_TI
                           STAGE_DBIAS * BQ * LDG * int(sizeof(TDB)),
               "SMEM too small");
 
-const int h = int(threadgroup_position_in_grid.y);
-const int x = int(threadgroup_position_in_grid.x);
+// this threadgroup's head and grid tile: HX (`heads_first`) puts the heads in x, so the GPU
+// dispatches the same (longest first) tile rank of every head together
+const int h = int(HX ? threadgroup_position_in_grid.x : threadgroup_position_in_grid.y);
+const int x = int(HX ? threadgroup_position_in_grid.y : threadgroup_position_in_grid.x);
 const int tid = int(thread_index_in_threadgroup);
 const int warp = tid / 32;
 const LaneCoord lc = lane_coord(tid % 32);

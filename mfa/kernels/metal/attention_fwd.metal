@@ -30,14 +30,17 @@ static_assert(WM % kFragRows == 0, "BQ/NW must be a multiple of the fragment hei
 static_assert(SMEM >= (BQ + 2 * STAGES * BK) * LD * int(sizeof(T)) + BIAS_TILE * STAGES * BQ * LDB * int(sizeof(TB)),
               "SMEM too small");
 
-const int h = int(threadgroup_position_in_grid.y);
+// this threadgroup's head and grid tile: HX (`heads_first`) puts the heads in x, so the GPU
+// dispatches the same (longest first) tile rank of every head together
+const int h = int(HX ? threadgroup_position_in_grid.x : threadgroup_position_in_grid.y);
+const int grid_tile = int(HX ? threadgroup_position_in_grid.y : threadgroup_position_in_grid.x);
 const int b = int(threadgroup_position_in_grid.z);
 const int tid = int(thread_index_in_threadgroup);
 const int warp = tid / 32;
 const LaneCoord lc = lane_coord(tid % 32);
 
 const int H = params[kH], HKV = params[kHKV], NQ = params[kNQ], NK = params[kNK];
-const Segment sg = Segment::of<VARLEN>(int(threadgroup_position_in_grid.x), b, params, sched);
+const Segment sg = Segment::of<VARLEN>(grid_tile, b, params, sched);
 if (!sg.valid) return;
 const Band band = Band::from(sg.nq, sg.nk, params[kLeft], params[kRight]);
 const bool has_sinks = params[kHasSinks] != 0;
