@@ -234,8 +234,9 @@ def _template(target: str, name: str, tiles: Tiles, dtype: mx.Dtype, d: int, spe
     ``stage_bias`` (see `bias_tiles`) turns on BIAS_TILE where the staged tiles fit the target's
     shared memory; the kernel reads the bias element by element otherwise.  ``fused``: the dk/dv
     kernel also computes dq (FUSED_DQ, see `fused_dq`); ``dlse``: the dq kernel reads an lse
-    cotangent (DLSE); ``heads_x``: the grid's x walks the heads (HX, see `heads_first`).  WG = 1 (wgmma B tiles) wherever `blocks.wgmma` allows it, when
-    ``allow_wgmma`` (``$MFA_WGMMA`` is not ``0``).  CUDA-family tiles with a ``min_blocks`` add
+    cotangent (DLSE); ``heads_x``: the grid's x walks the heads (HX, see `heads_first`).  WG = 1
+    (wgmma B tiles) wherever `blocks.wgmma` allows it, when ``allow_wgmma`` (``$MFA_WGMMA`` is
+    not ``0``).  CUDA-family tiles with a ``min_blocks`` add
     MIN_BLOCKS, which `_launch` turns into the kernel's ``__launch_bounds__``.
     """
     arch = build.arch_of(target)
@@ -647,9 +648,9 @@ def backward(target: str, spec: AttentionSpec, inputs: AttentionInputs, out: mx.
         hx = heads_first(target, spec, count)
         template = _template(target, name, t, q.dtype, d, spec, settings.wgmma, call.bias.dtype, stage_bias, own,
                              dbias_out[1], fused=fused, dlse=has_dlse, heads_x=hx)
+        grid = (heads, count, batches) if hx else (count, heads, batches)
         results = _launch(target, name, template, t.threads, [*ins, *variants, sched, bits],
-                          [*grads(count), dbias_out, *extra], (heads, count, batches) if hx else (count, heads, batches),
-                          settings, zero_outputs=zero)
+                          [*grads(count), dbias_out, *extra], grid, settings, zero_outputs=zero)
         return own, results
 
     dq_mode = 0
