@@ -34,6 +34,27 @@ def test_mask_matches_the_counter_hash():
     np.testing.assert_array_equal(kept, np.array(expected))
 
 
+def test_hash_wraps_as_uint32_at_large_indices():
+    """`dropout.uniform_bits` equals the same hash in numpy uint32 arithmetic (what the kernels'
+    ``unsigned`` computes) at indices and seeds where the products wrap."""
+    def mix(x):
+        x = x ^ (x >> np.uint32(16))
+        x = x * np.uint32(0x7FEB352D)
+        x = x ^ (x >> np.uint32(15))
+        x = x * np.uint32(0x846CA68B)
+        return x ^ (x >> np.uint32(16))
+
+    seed, golden = 2**32 - 5, np.uint32(dropout.GOLDEN)
+    head = np.array([0, 7, 2**20 + 3], np.uint32).reshape(-1, 1, 1)
+    row = np.array([0, 1, 70_000, 2**31 - 1], np.uint32).reshape(1, -1, 1)
+    col = np.array([0, 3, 123_457, 2**31 - 1], np.uint32).reshape(1, 1, -1)
+    with np.errstate(over="ignore"):
+        stream = mix(np.uint32(seed) ^ mix(head ^ golden))
+        expected = mix(mix(row ^ stream) + col * golden) >> np.uint32(8)
+    got = dropout.uniform_bits(seed, mx.array(head), mx.array(row), mx.array(col))
+    np.testing.assert_array_equal(np.array(got), np.broadcast_to(expected, got.shape))
+
+
 def test_mask_has_no_structure_across_rows_columns_heads_or_seeds():
     """The keep bits of neighbouring rows, columns, heads and seeds are uncorrelated, and no row
     repeats another shifted along the columns (the Weyl walk of each row starts at its own key)."""
