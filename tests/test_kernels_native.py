@@ -145,11 +145,12 @@ DETERMINISTIC_CASES = {
 @pytest.mark.parametrize("case", sorted(DETERMINISTIC_CASES))
 def test_backward_is_deterministic(target, case, monkeypatch):
     """deterministic=True: the backward writes dq, dk, dv (and a dbias with one writer an entry)
-    with plain stores, no atomics (with dropout: the split form, not the default fused one), so
-    repeated calls give the same bits (what flash_attn's ``deterministic`` asks for).  A race
+    with plain stores, no atomics, so repeated calls give the same bits (what flash_attn's ``deterministic`` asks for).  A race
     between warps, or a reduction order that depends on scheduling, shows up here as differing
     bits.  The form is pinned to the default: ``$MFA_BWD=fused`` adds dq with atomics
-    (`mfa.kernels.atomic_adds`), so the call would be refused."""
+    (`mfa.kernels.atomic_adds`), so the call would be refused.  (The dropout case has GQA, whose
+    backward is split anyway; that deterministic=True turns the fused dropout backward off is
+    checked by the emulator's test_dropout_backward_is_fused_by_default_on_cuda.)"""
     monkeypatch.setenv("MFA_BWD", "auto")
     q, k, v = random_qkv(2, 4, 2, 600, 560, 64, dtype=mx.bfloat16, seed=47)
     dout = mx.random.normal(q.shape, key=mx.random.key(8)).astype(mx.bfloat16)

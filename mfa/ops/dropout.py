@@ -13,8 +13,8 @@ flat query head ``b * H + h``; ``i`` and ``j`` are the row and column in the (pa
 matrix.  Each row gets its own key, ``mix(i ^ stream)``, and its columns walk a Weyl sequence
 from it (SplitMix's construction), so a weight costs one multiply-add and one ``mix``: a kernel
 computes the stream once per head and each row's key once per row.  (The earlier form, four
-``mix`` rounds a weight, made the integer work the bound: on an H100 dropout took the forward
-from 0.24 to 0.78 ms.)
+``mix`` rounds a weight, one of them shared along a column, made the integer work the bound: on
+an H100 dropout took the forward from 0.24 to 0.78 ms.)
 """
 
 from __future__ import annotations

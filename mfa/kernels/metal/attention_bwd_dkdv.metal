@@ -20,9 +20,10 @@
 //             1 with BIAS_TILE gathers each work item's dS in shared memory and writes it to dbias
 //             row by row, as the dq kernel does),
 //             TDB (dbias type), FUSED_DQ (1: also dq, by bulk reductions; no ALIBI),
-//             WG (1: Q and dO are core-matrix B tiles for wgmma, frag_wgmma.h; needs BK/NW = 16)
-//   grid (tiles·32·NW, HKV, B), tiles = ceil(NK/BK) or for varlen (NK + S·(BK − 1)) / BK;
-//   threadgroup (32·NW, 1, 1)
+//             WG (1: Q and dO are core-matrix B tiles for wgmma, frag_wgmma.h; needs BK/NW = 16),
+//             HX (as in attention_fwd.metal)
+//   grid (tiles·32·NW, HKV, B), with HX (HKV·32·NW, tiles, B); tiles = ceil(NK/BK) or for varlen
+//   (NK + S·(BK − 1)) / BK; threadgroup (32·NW, 1, 1)
 using namespace mfa;
 constexpr int NT = 32 * NW;
 constexpr int WM = BK / NW;  // key rows per warp
@@ -46,8 +47,7 @@ static_assert(SMEM >= 2 * BK * LD * int(sizeof(T)) + STAGES * QSTAGE + FUSED_DQ 
                           STAGE_DBIAS * BQ * LDG * int(sizeof(TDB)),
               "SMEM too small");
 
-// this threadgroup's head and grid tile: HX (`heads_first`) puts the heads in x, so the GPU
-// dispatches the same (longest first) tile rank of every head together
+// this threadgroup's head and grid tile (HX: heads in x, tiles in y)
 const int hk = int(HX ? threadgroup_position_in_grid.x : threadgroup_position_in_grid.y);
 const int grid_tile = int(HX ? threadgroup_position_in_grid.y : threadgroup_position_in_grid.x);
 const int b = int(threadgroup_position_in_grid.z);

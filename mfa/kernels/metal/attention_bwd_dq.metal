@@ -21,8 +21,9 @@
 //             1; 2), TDB (dbias type), DLSE (1: dlse is given).  DBIAS 1 with BIAS_TILE gathers
 //             each tile's dS in shared memory and adds it to dbias row by row (contiguous stores).
 //             WG (1: K and V are core-matrix B tiles for wgmma, frag_wgmma.h; needs BQ/NW = 16).
-//   grid (tiles·32·NW, H, B) as in attention_fwd.metal (H, 1 with a batch loop), threadgroup
-//   (32·NW, 1, 1)
+//             HX as in attention_fwd.metal.
+//   grid (tiles·32·NW, H, B), with HX (H·32·NW, tiles, B), as in attention_fwd.metal (the last
+//   extent 1 with a batch loop); threadgroup (32·NW, 1, 1)
 using namespace mfa;
 constexpr int NT = 32 * NW;
 constexpr int WM = BQ / NW;  // query rows per warp
@@ -35,8 +36,7 @@ static_assert(SMEM >= (2 * BQ + 2 * STAGES * BK) * LD * int(sizeof(T)) + BIAS_TI
                           STAGE_DBIAS * BQ * LDG * int(sizeof(TDB)),
               "SMEM too small");
 
-// this threadgroup's head and grid tile: HX (`heads_first`) puts the heads in x, so the GPU
-// dispatches the same (longest first) tile rank of every head together
+// this threadgroup's head and grid tile (HX: heads in x, tiles in y)
 const int h = int(HX ? threadgroup_position_in_grid.x : threadgroup_position_in_grid.y);
 const int x = int(HX ? threadgroup_position_in_grid.y : threadgroup_position_in_grid.x);
 const int tid = int(thread_index_in_threadgroup);

@@ -16,11 +16,14 @@
 //             the bias has every query row and key, and its tiles come through shared memory
 //             with the key/value tiles), TB (the bias's type) and EXACT (1: out written in
 //             float32 from an unrounded P, see mfa/kernels/attention.py), WG (1: K and V are
-//             core-matrix B tiles for wgmma, frag_wgmma.h; needs BQ/NW = 16)
+//             core-matrix B tiles for wgmma, frag_wgmma.h; needs BQ/NW = 16), HX (1: the grid's x
+//             walks the heads and y the tiles, so that the GPU dispatches the same, longest
+//             first, tile rank of every head together: see heads_first in mfa/kernels/attention.py)
 // Sinks enter the softmax denominator as one more logit per head: the running max and sum
 // start at (sink, 1) instead of (-inf, 0).
-//   grid (tiles·32·NW, H, B), threadgroup (32·NW, 1, 1); tiles = ceil(NQ/BQ), or for varlen the
-//   bound (NQ + S·(BQ − 1)) / BQ (threadgroups past the last tile return at once)
+//   grid (tiles·32·NW, H, B), with HX (H·32·NW, tiles, B); threadgroup (32·NW, 1, 1); tiles =
+//   ceil(NQ/BQ), or for varlen the bound (NQ + S·(BQ − 1)) / BQ (threadgroups past the last tile
+//   return at once)
 using namespace mfa;
 constexpr int NT = 32 * NW;
 constexpr int WM = BQ / NW;  // query rows per warp
@@ -30,8 +33,7 @@ static_assert(WM % kFragRows == 0, "BQ/NW must be a multiple of the fragment hei
 static_assert(SMEM >= (BQ + 2 * STAGES * BK) * LD * int(sizeof(T)) + BIAS_TILE * STAGES * BQ * LDB * int(sizeof(TB)),
               "SMEM too small");
 
-// this threadgroup's head and grid tile: HX (`heads_first`) puts the heads in x, so the GPU
-// dispatches the same (longest first) tile rank of every head together
+// this threadgroup's head and grid tile (HX: heads in x, tiles in y)
 const int h = int(HX ? threadgroup_position_in_grid.x : threadgroup_position_in_grid.y);
 const int grid_tile = int(HX ? threadgroup_position_in_grid.y : threadgroup_position_in_grid.x);
 const int b = int(threadgroup_position_in_grid.z);
