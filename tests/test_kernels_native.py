@@ -136,6 +136,9 @@ def _vjp_bits(target, q, k, v, dout, extra, **options):
 DETERMINISTIC_CASES = {
     "causal gqa": dict(causal=True),
     "window dropout": dict(window=(200, 30), dropout_p=0.1, dropout_seed=5),
+    # without GQA at D = 64, CUDA's default fuses the dropout backward (atomic dq adds) unless
+    # deterministic=True keeps it split
+    "causal dropout mha": dict(causal=True, dropout_p=0.1, dropout_seed=3, kv_heads=4),
     "full bias": dict(bias=(2, 4, 600, 560)),  # dbias stored by the dk/dv kernel, dq its matmul
     "per-row bias": dict(bias=(2, 4, 600, 1), causal=True),  # dbias rows stored by the dq kernel
     "block-sparse": dict(block_mask="mod"),
@@ -148,13 +151,13 @@ def test_backward_is_deterministic(target, case, monkeypatch):
     with plain stores, no atomics, so repeated calls give the same bits (what flash_attn's ``deterministic`` asks for).  A race
     between warps, or a reduction order that depends on scheduling, shows up here as differing
     bits.  The form is pinned to the default: ``$MFA_BWD=fused`` adds dq with atomics
-    (`mfa.kernels.atomic_adds`), so the call would be refused.  (The dropout case has GQA, whose
-    backward is split anyway; that deterministic=True turns the fused dropout backward off is
-    checked by the emulator's test_dropout_backward_is_fused_by_default_on_cuda.)"""
+    (`mfa.kernels.atomic_adds`), so the call would be refused.  ("window dropout" has GQA, whose
+    backward is split anyway; "causal dropout mha" is the case CUDA's default fuses, and
+    test_dropout_backward_is_fused_by_default_on_cuda checks which kernels the emulator launches.)"""
     monkeypatch.setenv("MFA_BWD", "auto")
-    q, k, v = random_qkv(2, 4, 2, 600, 560, 64, dtype=mx.bfloat16, seed=47)
-    dout = mx.random.normal(q.shape, key=mx.random.key(8)).astype(mx.bfloat16)
     options = dict(DETERMINISTIC_CASES[case], deterministic=True)
+    q, k, v = random_qkv(2, 4, options.pop("kv_heads", 2), 600, 560, 64, dtype=mx.bfloat16, seed=47)
+    dout = mx.random.normal(q.shape, key=mx.random.key(8)).astype(mx.bfloat16)
     extra = {}
     if "bias" in options:
         extra["bias"] = mx.random.normal(options.pop("bias"), key=mx.random.key(9)).astype(mx.bfloat16)
