@@ -619,12 +619,17 @@ def wg_flags(spec, inputs):
     return {name: dict(template).get("WG") for name, template, _, _ in offline.record_cuda_launches(run)}
 
 
+@pytest.mark.parametrize("copies", ["at_wait", "early"])
 @pytest.mark.parametrize("D,dtype", [(64, mx.bfloat16), (128, mx.float16)])
-def test_wgmma_b_tiles_in_every_kernel(monkeypatch, D, dtype):
+def test_wgmma_b_tiles_in_every_kernel(monkeypatch, D, dtype, copies):
     """bf16/f16 with head dims in 64s: the forward, dq and dk/dv kernels all read their B tiles with
     (emulated) wgmma — two column blocks at D = 128, ALiBi + sinks taking the split P·V — and match
-    the oracle; ``$MFA_WGMMA=0`` goes back to mma.sync with 32-row warps in the forward."""
+    the oracle; ``$MFA_WGMMA=0`` goes back to mma.sync with 32-row warps in the forward.  The
+    emulator runs a wgmma at its wait; its async copies land at their wait (a tile read too early
+    is stale) or, ``$MFA_EMU_COPIES=early``, at their issue (a tile refilled while a product in
+    flight still reads it is overwritten)."""
     monkeypatch.setenv("MFA_EMULATOR_ARCH", "cuda")
+    monkeypatch.setenv("MFA_EMU_COPIES", copies)
     q, k, v = random_qkv(2, 4, 2, 150, 130, D, dtype=dtype, seed=D)
     slopes, sinks = mx.array([0.3, 0.1, 0.05, 0.02]), mx.random.normal((4,), key=mx.random.key(2))
     spec = AttentionSpec(scale=D**-0.5, causal=True, window=(90, 0), has_alibi=True, has_sinks=True)
@@ -637,12 +642,33 @@ def test_wgmma_b_tiles_in_every_kernel(monkeypatch, D, dtype):
     assert attention.block_sizes("emulator", D, dtype).fwd == kernels.Tiles(128, 64, 4, 2)
 
 
+@pytest.mark.parametrize("extras", ["plain", "alibi sinks", "block-sparse"])
+def test_wgmma_forward_with_32_row_warps(monkeypatch, extras):
+    """A forward of 128-row tiles on 4 warps (``$MFA_BLOCKS=fwd=128x64x4x2``) reads its B tiles
+    with wgmma, two products a k-step (one per 16-row block of a warp), and matches the oracle,
+    also with ALiBi + sinks (whose exact forward splits P·V in two) and a block mask."""
+    monkeypatch.setenv("MFA_EMULATOR_ARCH", "cuda")
+    monkeypatch.setenv("MFA_BLOCKS", "fwd=128x64x4x2")
+    q, k, v = random_qkv(1, 4, 2, 300, 250, 64, dtype=mx.bfloat16, seed=11)
+    slopes, sinks = (mx.array([0.3, 0.1, 0.05, 0.02]), mx.random.normal((4,), key=mx.random.key(3))) \
+        if extras == "alibi sinks" else (None, None)
+    mask = BlockMask.from_mask_mod(lambda b, h, i, j: (i // 64 + j // 64) % 3 != 1, 1, 1, 300, 250,
+                                   block_size=64) if extras == "block-sparse" else None
+    spec = AttentionSpec(scale=0.125, causal=mask is None, has_alibi=slopes is not None,
+                         has_sinks=sinks is not None, block_mask=mask)
+    assert wg_flags(spec, AttentionInputs(q, k, v, None, slopes, sinks, None, None))["attention_fwd"] == 1
+    check(q, k, v, mask is None, slopes=slopes, sinks=sinks, block_mask=mask)
+
+
 def test_wgmma_needs_warpgroups_of_16_row_warps(monkeypatch):
-    """WG only where 4-warp groups own 16 rows each and the score tile's other side is in 64s."""
+    """WG only where 4-warp groups own 16 rows each (32 in the forward) and the score tile's other
+    side is in 64s."""
     t = kernels.Tiles
     assert kernels.blocks.wgmma("cuda", "attention_fwd", t(64, 64, 4, 2), 64, mx.bfloat16)
     assert kernels.blocks.wgmma("cuda", "attention_bwd_dkdv", t(128, 64, 4, 2), 128, mx.float16)
-    assert not kernels.blocks.wgmma("cuda", "attention_fwd", t(128, 64, 4, 2), 64, mx.bfloat16)  # 32-row warps
+    assert kernels.blocks.wgmma("cuda", "attention_fwd", t(128, 64, 4, 2), 64, mx.bfloat16)  # 32-row warps: 2 a k-step
+    assert not kernels.blocks.wgmma("cuda", "attention_bwd_dq", t(128, 64, 4, 2), 64, mx.bfloat16)  # forward only
+    assert not kernels.blocks.wgmma("cuda", "attention_fwd", t(256, 64, 4, 2), 64, mx.bfloat16)
     assert not kernels.blocks.wgmma("cuda", "attention_bwd_dq", t(64, 32, 4, 2), 64, mx.bfloat16)
     assert not kernels.blocks.wgmma("cuda", "attention_fwd", t(64, 64, 4, 2), 80, mx.bfloat16)
     assert not kernels.blocks.wgmma("cuda", "attention_fwd", t(32, 64, 2, 2), 64, mx.bfloat16)

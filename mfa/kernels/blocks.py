@@ -93,7 +93,9 @@ class BlockSizes:
         if arch == "cuda":
             # measured on an H100 (benchmarks/cuda_check.py --tune, then with wgmma): with
             # mma.sync alone, 4 warps of 32 query rows beat 8 warps of 16 in the forward; with
-            # wgmma, 64 x 64 tiles of 4 warps win in every kernel (window forward 129 -> 93 µs).
+            # wgmma, 64 x 64 tiles of 4 warps win in every kernel (window forward 129 -> 93 µs;
+            # the forward's 128 x 64 tiles of 32-row wgmma warps measured no faster: block-sparse
+            # 0.37 ms either way, causal + dropout 0.40 against 0.35; results/h100_profile_1207.md).
             # At D = 64 register caps (`Tiles.min_blocks`) pay: the wgmma dq kernel takes 176
             # registers, two threadgroups an SM; capped at 168 (three) it spills 16 B and runs
             # faster (window 137 -> 117 µs, block-sparse 666 -> 529 µs); the forward, 133 -> 128
@@ -130,10 +132,12 @@ def wgmma(arch: str, kernel: str, t: Tiles, d: int, dtype: mx.Dtype) -> bool:
 
     CUDA family only (sm_90a, and the emulator running it), bf16/f16, head dims in 64s, warps in
     warpgroups of 4 that own 16 rows each (the rows of the tile the kernel walks: query rows, or
-    key rows in dk/dv) and score tiles whose other side is a multiple of 64.
+    key rows in dk/dv; in the forward also 32, two wgmmas a k-step) and score tiles whose other
+    side is a multiple of 64.
     """
     if arch != "cuda" or kernel == "attention_bwd_preprocess":
         return False
     rows, cols = (t.block_k, t.block_q) if kernel == "attention_bwd_dkdv" else (t.block_q, t.block_k)
+    per_warp = (16, 32) if kernel == "attention_fwd" else (16,)
     return (dtype in (mx.bfloat16, mx.float16) and d % 64 == 0 and t.warps % 4 == 0
-            and rows == 16 * t.warps and cols % 64 == 0)
+            and rows in tuple(p * t.warps for p in per_warp) and cols % 64 == 0)

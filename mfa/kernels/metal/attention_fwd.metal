@@ -16,7 +16,7 @@
 //             the bias has every query row and key, and its tiles come through shared memory
 //             with the key/value tiles), TB (the bias's type) and EXACT (1: out written in
 //             float32 from an unrounded P, see mfa/kernels/attention.py), WG (1: K and V are
-//             core-matrix B tiles for wgmma, frag_wgmma.h; needs BQ/NW = 16), HX (1: the grid's x
+//             core-matrix B tiles for wgmma, frag_wgmma.h; needs BQ/NW = 16 or 32), HX (1: the grid's x
 //             walks the heads and y the tiles, so that the GPU dispatches the same, longest
 //             first, tile rank of every head together: see heads_first in mfa/kernels/attention.py)
 // Sinks enter the softmax denominator as one more logit per head: the running max and sum

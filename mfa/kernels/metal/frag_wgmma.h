@@ -10,7 +10,9 @@
 // reads.  The same tile is the k-major B of a·bᵀ (rows = n, columns = k) and the n-major B of p·b
 // (rows = k, columns = n).  A warpgroup (4 consecutive warps) issues each wgmma; each warp owns 16
 // consecutive rows (Acc<16, N>, the mma.sync layout that wgmma's accumulator shares), so its A
-// operand is its own mma.sync A fragments and its accumulator slice is its own.
+// operand is its own mma.sync A fragments and its accumulator slice is its own.  A warp of
+// 16·FM rows (the forward's mma_abt and mma_ab) issues FM wgmmas a k-step, one per 16-row block:
+// A comes from registers, so the rows a wgmma's warps bring need not be adjacent.
 namespace mfa {
 
 template <>
@@ -72,22 +74,25 @@ struct BTile<1> {
     }
   }
 
-  // c (16 x N) += a (16 x K rows of this warp, row-major in shared memory) · bᵀ, b an N x K tile,
+  // c (M x N) += a (M x K rows of this warp, row-major in shared memory) · bᵀ, b an N x K tile,
   // in groups of up to 4 k-steps (one 64-column block of b), whose A fragments stay live until
-  // the group's wait.
+  // the group's wait; M = 16·FM: FM products a k-step, each 16-row block into its accumulator block.
   template <int K, int M, int N, typename T>
   MFA_FUNC static void mma_abt(MFA_THR Acc<M, N>& c, MFA_TG const T* a, int lda, MFA_TG const T* b, int,
                                LaneCoord lc) {
-    static_assert(M == 16 && N % 64 == 0 && K % 64 == 0, "wgmma products: 16 rows per warp, N and K in 64s");
+    static_assert(M % 16 == 0 && N % 64 == 0 && K % 64 == 0, "wgmma products: rows in 16s per warp, N and K in 64s");
+    constexpr int FM = M / 16;
     MFA_UNROLL
     for (int g = 0; g < K / 16; g += 4) {
-      unsigned fa[4][4];
-      load_a<4>(fa, a, lda, g, lc);
+      unsigned fa[FM][4][4];
+      MFA_UNROLL
+      for (int fi = 0; fi < FM; ++fi) load_a<4>(fa[fi], a + 16 * fi * lda, lda, g, lc);
       mfa_wgmma_fence();
-      issue_abt<4, N, T>(c.v, fa, b, g);
+      MFA_UNROLL
+      for (int fi = 0; fi < FM; ++fi) issue_abt<4, N, T>(c.v + fi * (N / 2), fa[fi], b, g);
       mfa_wgmma_commit_wait();
       mfa_fence_regs<Acc<M, N>::SIZE>(c.v);
-      mfa_fence_regs<16>(&fa[0][0]);
+      mfa_fence_regs<16 * FM>(&fa[0][0][0]);
     }
   }
 
@@ -116,23 +121,31 @@ struct BTile<1> {
 
   // c (16 x N) += p (16 x K accumulator of this warp, rounded to T; SPLIT = 1 adds its rounding
   // residual in a second product) · b, b a K x N tile.
+  // M = 16·FM rows per warp: each 16-row block of p into its accumulator block.
   template <int K, int SPLIT, int M, int N, typename T>
   MFA_FUNC static void mma_ab(MFA_THR Acc<M, N>& c, MFA_THR const Acc<M, K>& p, MFA_TG const T* b, int,
                               LaneCoord) {
-    static_assert(M == 16 && N % 64 == 0 && K % 16 == 0, "wgmma products: 16 rows per warp, N in 64s");
-    unsigned fa[K / 16][4], fr[K / 16][4];
+    static_assert(M % 16 == 0 && N % 64 == 0 && K % 16 == 0, "wgmma products: rows in 16s per warp, N in 64s");
+    constexpr int FM = M / 16;
+    unsigned fa[FM][K / 16][4], fr[SPLIT ? FM : 1][K / 16][4];
     MFA_UNROLL
-    for (int kk = 0; kk < K / 16; ++kk) {
-      pack_a<T, 0>(fa[kk], p, 0, kk);
-      if (SPLIT) pack_a<T, 1>(fr[kk], p, 0, kk);
+    for (int fi = 0; fi < FM; ++fi) {
+      MFA_UNROLL
+      for (int kk = 0; kk < K / 16; ++kk) {
+        pack_a<T, 0>(fa[fi][kk], p, fi, kk);
+        if (SPLIT) pack_a<T, 1>(fr[SPLIT ? fi : 0][kk], p, fi, kk);
+      }
     }
     mfa_wgmma_fence();
-    issue_ab<K, N, T>(c.v, fa, b);
-    if (SPLIT) issue_ab<K, N, T>(c.v, fr, b);
+    MFA_UNROLL
+    for (int fi = 0; fi < FM; ++fi) {
+      issue_ab<K, N, T>(c.v + fi * (N / 2), fa[fi], b);
+      if (SPLIT) issue_ab<K, N, T>(c.v + fi * (N / 2), fr[SPLIT ? fi : 0], b);
+    }
     mfa_wgmma_commit_wait();
     mfa_fence_regs<Acc<M, N>::SIZE>(c.v);
-    mfa_fence_regs<4 * (K / 16)>(&fa[0][0]);
-    if (SPLIT) mfa_fence_regs<4 * (K / 16)>(&fr[0][0]);
+    mfa_fence_regs<4 * (K / 16) * FM>(&fa[0][0][0]);
+    if (SPLIT) mfa_fence_regs<4 * (K / 16) * FM>(&fr[0][0][0]);
   }
 
   // c1 += p1 · b1 and c2 += p2 · b2 (as mma_ab, SPLIT = 0), independent products in flight together.

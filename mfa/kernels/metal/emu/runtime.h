@@ -73,6 +73,7 @@ struct Group {
   bool smem_ready = false;
   std::vector<unsigned char> scratch;     // [warp][slot][lane][kScratchBytes]
   int done = 0;
+  bool copies_early = false;  // $MFA_EMU_COPIES=early: async copies land at issue
   Launch* launch = nullptr;
 #if defined(__x86_64__)
   void* sched_sp = nullptr;
@@ -286,8 +287,18 @@ inline unsigned char* shared_memory(size_t bytes) {
 }
 
 // ---- async copies (cp.async semantics: data lands only at the matching wait) ----------------
+// A copy may land anywhere between its issue and its wait.  By default it lands at the wait, so
+// a read of the tile before that wait sees stale data; with $MFA_EMU_COPIES=early it lands at
+// the issue, so a refill of a tile that a product in flight (wgmma, read at its wait) still
+// reads shows up instead.
 
 inline void async_copy(void* dst, const void* src, int src_bytes, int size) {
+  if (g_group->copies_early) {
+    unsigned char* d = static_cast<unsigned char*>(dst);
+    std::memcpy(d, src, size_t(src_bytes));
+    std::memset(d + src_bytes, 0, size_t(size - src_bytes));
+    return;
+  }
   g_fiber->pending.push_back({dst, src, src_bytes, size});
 }
 
@@ -419,6 +430,8 @@ inline std::string launch(const int groups[3], int threads,
     return "threadgroup size " + std::to_string(threads) + " is not a positive multiple of 32";
   Group g;
   g.launch = &L;
+  const char* copies = std::getenv("MFA_EMU_COPIES");
+  g.copies_early = copies != nullptr && std::string(copies) == "early";
   g.nthreads = threads;
   g.nwarps = threads / kWarp;
   g.fibers.resize(size_t(threads));
