@@ -119,9 +119,9 @@ struct BTile<1> {
     mfa_fence_regs<16>(&fa2[0][0]);
   }
 
-  // c (16 x N) += p (16 x K accumulator of this warp, rounded to T; SPLIT = 1 adds its rounding
-  // residual in a second product) · b, b a K x N tile.
-  // M = 16·FM rows per warp: each 16-row block of p into its accumulator block.
+  // c (M x N) += p (M x K accumulator of this warp, rounded to T; SPLIT = 1 adds its rounding
+  // residual in a second product) · b, b a K x N tile; M = 16·FM: each 16-row block of p into
+  // its accumulator block.
   template <int K, int SPLIT, int M, int N, typename T>
   MFA_FUNC static void mma_ab(MFA_THR Acc<M, N>& c, MFA_THR const Acc<M, K>& p, MFA_TG const T* b, int,
                               LaneCoord) {
