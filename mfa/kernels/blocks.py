@@ -138,6 +138,6 @@ def wgmma(arch: str, kernel: str, t: Tiles, d: int, dtype: mx.Dtype) -> bool:
     if arch != "cuda" or kernel == "attention_bwd_preprocess":
         return False
     rows, cols = (t.block_k, t.block_q) if kernel == "attention_bwd_dkdv" else (t.block_q, t.block_k)
-    per_warp = (16, 32) if kernel == "attention_fwd" else (16,)
+    rows_per_warp = (16, 32) if kernel == "attention_fwd" else (16,)
     return (dtype in (mx.bfloat16, mx.float16) and d % 64 == 0 and t.warps % 4 == 0
-            and rows in tuple(p * t.warps for p in per_warp) and cols % 64 == 0)
+            and rows % t.warps == 0 and rows // t.warps in rows_per_warp and cols % 64 == 0)

@@ -16,9 +16,10 @@
 //             the bias has every query row and key, and its tiles come through shared memory
 //             with the key/value tiles), TB (the bias's type) and EXACT (1: out written in
 //             float32 from an unrounded P, see mfa/kernels/attention.py), WG (1: K and V are
-//             core-matrix B tiles for wgmma, frag_wgmma.h; needs BQ/NW = 16 or 32), HX (1: the grid's x
-//             walks the heads and y the tiles, so that the GPU dispatches the same, longest
-//             first, tile rank of every head together: see heads_first in mfa/kernels/attention.py)
+//             core-matrix B tiles for wgmma, frag_wgmma.h; needs BQ/NW = 16 or 32), HX (1: the
+//             grid's x walks the heads and y the tiles, so that the GPU dispatches the same,
+//             longest first, tile rank of every head together: see heads_first in
+//             mfa/kernels/attention.py)
 // Sinks enter the softmax denominator as one more logit per head: the running max and sum
 // start at (sink, 1) instead of (-inf, 0).
 //   grid (tiles·32·NW, H, B), with HX (H·32·NW, tiles, B); threadgroup (32·NW, 1, 1); tiles =
