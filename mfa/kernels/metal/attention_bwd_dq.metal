@@ -168,14 +168,16 @@ for (int b = b_first; b < b_end; ++b) {
 
     // P = exp2(s − lse) (zero where masked), dS = P ∘ (dP ∘ Z − delta), dS_raw = dS ∘ d(softcap)
     const bool inside = band.inside(q0, q1, k0, k0 + BK);
+    // block-sparse: the tile's kept elements as bits, found once a tile (variants.h's KeepBits)
+    const KeepBits<Acc<WM, BK>> kept =
+        keep_bits<Acc<WM, BK>, SPARSE, BQ, BK>(band, inside || !SPARSE, bits, partial, row0, q0, k0, lc);
     AccTile<WM, BK, 0, TB> bias_tile;  // BIAS_TILE: this warp's rows of the staged bias tile
     if (BIAS_TILE) bias_tile.load(sBt + warp * WM * LDB, LDB, lc);
     MFA_UNROLL
     for (int i = 0; i < Acc<WM, BK>::SIZE; ++i) {
       const int slot = Acc<WM, BK>::slot(i);
       const int r = row0 + Acc<WM, BK>::row(lc, i), j = k0 + Acc<WM, BK>::col(lc, i);
-      bool keep = inside || band.keep(r, j);
-      if (SPARSE && partial >= 0) keep = keep && tile_bit<BQ, BK>(bits, partial, r - q0, j - k0);
+      const bool keep = SPARSE ? kept.get(i) : inside || band.keep(r, j);
       const long bias_at = bias_head + long(r) * bias_sq + long(j) * bias_sk;
       float p = 0.0f;
       if (keep) {
