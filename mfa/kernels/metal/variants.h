@@ -154,7 +154,6 @@ MFA_FUNC bool tile_bit(MFA_DEV const unsigned* bits, int p, int row, int col) {
   return (bits[(p * ROWS + row) * WORDS + col / 32] >> (col % 32)) & 1u;
 }
 
-
 // Which of a thread's accumulator elements (A: Acc<M, N>, rows query rows) a BQ x BK tile keeps,
 // one bit each (`keep_bits`), so that a score loop tests one bit an element.  The block-sparse dq
 // kernel's loop uses it: its `inside || band.keep` and partial-tile tests cost instructions on
