@@ -18,7 +18,7 @@ from conftest import check_rule, random_qkv
 import mfa
 from mfa import BlockMask, kernels
 from mfa.kernels import attention, offline, sources, sparse
-from mfa.ops import dropout
+from mfa.ops import dropout, routing
 from mfa.ops.reference import attention_reference, attention_reference_varlen
 from mfa.ops.spec import AttentionInputs, AttentionSpec
 
@@ -503,6 +503,21 @@ def test_unsupported_calls_are_declined():
         kernels.forward("emulator", spec, AttentionInputs(*random_qkv(1, 1, 1, 4, 4, 320)))
     with pytest.raises(ValueError, match="target"):
         kernels.is_available("vulkan")
+
+
+@pytest.mark.parametrize("scale", [0.0, -0.125, 1e-31])
+def test_scales_outside_the_kernels_range_are_declined_and_auto_stays_exact(scale, monkeypatch):
+    # the kernels take row maxes of raw q·kᵀ and use 1/scale (band.h's Scores): they need scale > 0
+    q, k, v = random_qkv(1, 2, 1, 8, 8, 64)
+    reason = kernels.unsupported_reason("emulator", AttentionSpec(scale=scale), AttentionInputs(q, k, v))
+    assert reason is not None and "scale" in reason
+    with pytest.raises(NotImplementedError, match="scale"):
+        mfa.flash_attention(q, k, v, scale=scale, backend="emulator")
+    # auto, on a machine whose native target is the emulator, takes it for scale 0.125 only
+    monkeypatch.setattr(routing, "_gpu_kind", lambda: "emulator")
+    chosen = {s: routing.choose("auto", AttentionSpec(scale=s), AttentionInputs(q, k, v), return_lse=True).backend
+              for s in (0.125, scale)}
+    assert chosen == {0.125: "emulator", scale: "tiled"}
 
 
 def test_float32_large_head_dim_declined_on_metal(monkeypatch):

@@ -27,6 +27,7 @@ from mfa.settings import Settings, read as read_settings
 
 TARGETS = ("metal", "cuda", "emulator")
 EMULATOR_MAX_SCORES = 1 << 22  # B·H·Nq·Nk above which the emulator declines (it is slow)
+SCALE_RANGE = (1e-30, 1e30)  # scales the native kernels take (positive: they take row maxes of raw q·kᵀ)
 
 __all__ = ["TARGETS", "BlockSizes", "Tiles", "is_available", "unsupported_reason", "atomic_adds", "forward",
            "backward"]
@@ -55,6 +56,9 @@ def unsupported_reason(target: str, spec: AttentionSpec, inputs: AttentionInputs
     decide what fits.
     """
     _check_target(target)
+    if not SCALE_RANGE[0] < spec.scale < SCALE_RANGE[1]:
+        # the kernels take the row max of raw scores q·kᵀ and also use 1/scale (band.h's Scores)
+        return f"scale={spec.scale}: the native kernels need {SCALE_RANGE[0]} < scale < {SCALE_RANGE[1]}"
     q, k, v = inputs.q, inputs.k, inputs.v
     bias_size = 0 if inputs.bias is None else inputs.bias.size
     settings = settings or read_settings()

@@ -193,9 +193,10 @@ class Call:
                             int(per_row), threshold, _int32(spec.dropout_seed), *strides,
                             int(bool(layout and layout.unique)), num_seqs, mask_b, mask_h, batch_loop, zeroed,
                             total), mx.int32)
-        cap = [spec.softcap * LOG2E, spec.scale / spec.softcap] if spec.softcap else [0.0, 0.0]
+        # scores in raw units (band.h's Scores): log2 units = raw · scale·log2(e)
+        cap = [spec.softcap / spec.scale, spec.scale / spec.softcap] if spec.softcap else [0.0, 0.0]
         keep = 1.0 / (1.0 - spec.dropout_p)
-        fparams = _constant((spec.scale * LOG2E, spec.scale, *cap, keep, 0.0, 0.0, 0.0), mx.float32)
+        fparams = _constant((spec.scale * LOG2E, spec.scale, *cap, keep, 1.0 / spec.scale, 0.0, 0.0), mx.float32)
         return params, fparams, layout
 
 

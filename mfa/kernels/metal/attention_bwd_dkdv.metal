@@ -59,7 +59,7 @@ const int H = params[kH], HKV = params[kHKV], NQ = params[kNQ], NK = params[kNK]
 const Segment sg = Segment::of<VARLEN>(grid_tile, b, params, sched);
 if (!sg.valid) return;
 const Band band = Band::from(sg.nq, sg.nk, params[kLeft], params[kRight]);
-Scores<SOFTCAP, ALIBI> sc = Scores<SOFTCAP, ALIBI>::from(fparams[0], fparams[2], fparams[3], 0.0f, sg.nk - sg.nq);
+Scores<SOFTCAP, ALIBI> sc = Scores<SOFTCAP, ALIBI>::from(fparams, 0.0f, sg.nk - sg.nq);
 const float scale = fparams[1];
 // block-sparse: the longest key tiles start first, for load balance, in the order of this
 // (batch, key/value head)'s row of lists (sched's `order`, by decreasing list length)
@@ -150,7 +150,7 @@ for (int w = 1 - STAGES; w < nwork; ++w) {
   const int q0 = (SPARSE ? list.get(w, 1) : qt_begin + w % nq) * BQ;
   const int partial = SPARSE ? list.get(w, 2) : -1;
   const int h = hk * group + g;
-  if (ALIBI) sc.slope_log2 = slopes[(params[kSlopesPerRow] != 0 ? sg.seg : 0) * H + h] * 1.4426950408889634f;
+  if (ALIBI) sc.slope_raw = slopes[(params[kSlopesPerRow] != 0 ? sg.seg : 0) * H + h] * sc.inv_scale;
   const Dropout drop = Dropout::from(params, fparams[4], b * H + h);
   const long bias_head = long(b) * params[kBiasStrideB] + long(h) * params[kBiasStrideH];
 
@@ -160,7 +160,8 @@ for (int w = 1 - STAGES; w < nwork; ++w) {
   pt.zero();
   mma_abt_b2<WG, D>(dst, sVw, sdO, pt, sKw, sQ, LD, lc);
 
-  // Pᵀ = exp2(s − lse) (zero where masked), dSᵀ = Pᵀ ∘ (dPᵀ ∘ Z − delta), dS_rawᵀ = dSᵀ ∘ d(softcap)
+  // Pᵀ = exp2(u·unit − lse) (zero where masked; u in raw units, band.h's Scores),
+  // dSᵀ = Pᵀ ∘ (dPᵀ ∘ Z − delta), dS_rawᵀ = dSᵀ ∘ d(softcap)
   const bool inside = band.inside(q0, q0 + BQ, k0, k0 + BK);
   AccTile<WM, BQ, 1, TB> bias_tile;  // BIAS_TILE: the staged (query, key) tile at this warp's keys
   if (BIAS_TILE) bias_tile.load(sBt + warp * WM, LDB, lc);
@@ -172,12 +173,10 @@ for (int w = 1 - STAGES; w < nwork; ++w) {
     if (SPARSE && partial >= 0) keep = keep && tile_bit<BQ, BK>(bits, partial, c, j - k0);
     float p = 0.0f;
     if (keep) {
-      float xs = sc.log2_score(pt.v[i], r, j);
-      if (BIAS) {
-        const float bv = BIAS_TILE ? bias_tile.get(i) : float(bias[bias_head + long(r) * bias_sq + long(j) * bias_sk]);
-        xs += 1.4426950408889634f * bv;
-      }
-      p = mfa_exp2f(xs - sLse[c]);
+      float u = sc.raw(pt.v[i], r, j);
+      if (BIAS)
+        u = sc.add_bias(u, BIAS_TILE ? bias_tile.get(i) : float(bias[bias_head + long(r) * bias_sq + long(j) * bias_sk]));
+      p = mfa_exp2f(u * sc.unit - sLse[c]);
     }
     const float z = DROPOUT ? drop.factor(sg.q_lo + r, sg.k_lo + j) : 1.0f;
     const float gs = p * (dst.v[i] * z - sDelta[c]);  // dL/d(score)
@@ -196,11 +195,6 @@ for (int w = 1 - STAGES; w < nwork; ++w) {
 
   // dv += (Pᵀ ∘ Z)·dout, dk += dS_rawᵀ·q
   mma_ab_b2<WG, BQ>(dv, pt, sdO, dk, dst, sQ, LD, lc);
-  if (STAGE_DBIAS) {
-    mfa_barrier();  // the whole dS tile is in sG
-    dbias_add_tile<BQ, BK, NT>(dbias, bias_head + long(q0) * bias_sq + k0, bias_sq, sG, LDG, sg.nq - q0, sg.nk - k0,
-                               dbias_write_kind, dbias, tid);
-  }
 
   // FUSED_DQ: dq += scale · dS_raw·k over this key tile: dS_raw goes through shared memory as
   // (query row, key), then each warp multiplies its query rows by the K tile and adds them
@@ -245,7 +239,12 @@ for (int w = 1 - STAGES; w < nwork; ++w) {
     for (int s = 0; s < RowVec<WM>::SIZE; ++s) dbias_keys.v[s] = 0.0f;
   }
   if (FUSED_DQ) mfa_bulk_wait_read();  // the dq rows have left the stage
-  mfa_barrier();  // this stage's buffers may now be refilled
+  mfa_barrier();  // this stage's buffers may now be refilled, and the whole dS tile is in sG
+  // STAGE_DBIAS: the dS tile to dbias, after the barrier the loop has anyway (sG is rewritten only
+  // after the next work item's first barrier)
+  if (STAGE_DBIAS)
+    dbias_add_tile<BQ, BK, NT>(dbias, bias_head + long(q0) * bias_sq + k0, bias_sq, sG, LDG, sg.nq - q0, sg.nk - k0,
+                               dbias_write_kind, dbias, tid);
 }
 mfa_async_wait<0>();
 if (FUSED_DQ) mfa_bulk_wait();

@@ -69,8 +69,7 @@ for (int b = b_first; b < b_end; ++b) {
   }
   const Band band = Band::from(sg.nq, sg.nk, params[kLeft], params[kRight]);
   const float slope = ALIBI ? slopes[(params[kSlopesPerRow] != 0 ? sg.seg : 0) * H + h] : 0.0f;
-  const Scores<SOFTCAP, ALIBI> sc =
-      Scores<SOFTCAP, ALIBI>::from(fparams[0], fparams[2], fparams[3], slope, sg.nk - sg.nq);
+  const Scores<SOFTCAP, ALIBI> sc = Scores<SOFTCAP, ALIBI>::from(fparams, slope, sg.nk - sg.nq);
   const Dropout drop = Dropout::from(params, fparams[4], b * H + h);
   const float scale = fparams[1];
   const int nqt = (sg.nq + BQ - 1) / BQ;
@@ -166,7 +165,8 @@ for (int b = b_first; b < b_end; ++b) {
     s.zero();
     mma_abt_b2<WG, D>(ds, sdOw, sV, s, sQw, sK, LD, lc);
 
-    // P = exp2(s − lse) (zero where masked), dS = P ∘ (dP ∘ Z − delta), dS_raw = dS ∘ d(softcap)
+    // P = exp2(u·unit − lse) (zero where masked; u in raw units, band.h's Scores),
+    // dS = P ∘ (dP ∘ Z − delta), dS_raw = dS ∘ d(softcap)
     const bool inside = band.inside(q0, q1, k0, k0 + BK);
     // block-sparse: the tile's kept elements as bits, found once a tile (variants.h's KeepBits)
     const KeepBits<Acc<WM, BK>> kept =
@@ -181,9 +181,9 @@ for (int b = b_first; b < b_end; ++b) {
       const long bias_at = bias_head + long(r) * bias_sq + long(j) * bias_sk;
       float p = 0.0f;
       if (keep) {
-        float xs = sc.log2_score(s.v[i], r, j);
-        if (BIAS) xs += 1.4426950408889634f * (BIAS_TILE ? bias_tile.get(i) : float(bias[bias_at]));
-        p = mfa_exp2f(xs - lse_rows.v[slot]);
+        float u = sc.raw(s.v[i], r, j);
+        if (BIAS) u = sc.add_bias(u, BIAS_TILE ? bias_tile.get(i) : float(bias[bias_at]));
+        p = mfa_exp2f(u * sc.unit - lse_rows.v[slot]);
       }
       const float dp = DROPOUT ? ds.v[i] * drop.factor(sg.q_lo + r, sg.k_lo + j) : ds.v[i];
       const float g = p * (dp - delta_rows.v[slot]);  // dL/d(score)
@@ -197,12 +197,12 @@ for (int b = b_first; b < b_end; ++b) {
 
     // dq += dS_raw·k
     mma_ab_b<WG, BK, 0>(dq, ds, sK, LD, lc);
-    if (STAGE_DBIAS) {
-      mfa_barrier();  // the whole dS tile is in sG
+    mfa_barrier();  // this stage's buffers may now be refilled, and the whole dS tile is in sG
+    // STAGE_DBIAS: the dS tile to dbias, after the barrier the loop has anyway (sG is rewritten
+    // only after the next tile's first barrier)
+    if (STAGE_DBIAS)
       dbias_add_tile<BQ, BK, NT>(dbias, bias_head + long(q0) * bias_sq + k0, bias_sq, sG, LDG, sg.nq - q0, sg.nk - k0,
                                  dbias_write_kind, dbias_total, tid);
-    }
-    mfa_barrier();
   }
   mfa_async_wait<0>();
 

@@ -48,7 +48,7 @@ if (!sg.valid) return;
 const Band band = Band::from(sg.nq, sg.nk, params[kLeft], params[kRight]);
 const bool has_sinks = params[kHasSinks] != 0;
 const float slope = ALIBI ? slopes[(params[kSlopesPerRow] != 0 ? sg.seg : 0) * H + h] : 0.0f;
-const Scores<SOFTCAP, ALIBI> sc = Scores<SOFTCAP, ALIBI>::from(fparams[0], fparams[2], fparams[3], slope, sg.nk - sg.nq);
+const Scores<SOFTCAP, ALIBI> sc = Scores<SOFTCAP, ALIBI>::from(fparams, slope, sg.nk - sg.nq);
 const Dropout drop = Dropout::from(params, fparams[4], b * H + h);
 const int nqt = (sg.nq + BQ - 1) / BQ;
 // the longest query tiles start first, for load balance: block-sparse, in the order of this
@@ -85,10 +85,10 @@ mfa_async_commit();
 
 Acc<WM, D> o;
 o.zero();
-RowVec<WM> m_run, l_run;  // running max (log2 units) and running sum of exp2(s - max)
+RowVec<WM> m_run, l_run;  // running max (raw units, band.h's Scores) and running sum of exp2((u - max)·unit)
 MFA_UNROLL
 for (int r = 0; r < RowVec<WM>::SIZE; ++r) {
-  m_run.v[r] = has_sinks ? sinks[h] * 1.4426950408889634f : -MFA_INF;
+  m_run.v[r] = has_sinks ? sc.raw_of_logit(sinks[h]) : -MFA_INF;
   l_run.v[r] = has_sinks ? 1.0f : 0.0f;
 }
 MFA_TG const T* sQw = sQ + warp * WM * LD;
@@ -117,7 +117,7 @@ for (int t = 1 - STAGES; t < ntiles; ++t) {
   const int k0 = (SPARSE ? list.get(t, 0) : t_first + t) * BK;
   const int partial = SPARSE ? list.get(t, 1) : -1;
 
-  // scores s = q·kᵀ in log2 units, -inf where masked (per element only on edge/partial tiles)
+  // scores s = q·kᵀ in raw units, -inf where masked (per element only on edge/partial tiles)
   Acc<WM, BK> s;
   s.zero();
   mma_abt_b<WG, D>(s, sQw, LD, sK, LD, lc);
@@ -131,34 +131,38 @@ for (int t = 1 - STAGES; t < ntiles; ++t) {
     if (SPARSE && partial >= 0) keep = keep && tile_bit<BQ, BK>(bits, partial, r - q0, j - k0);
     float x = -MFA_INF;
     if (keep) {
-      x = sc.log2_score(s.v[i], r, j);
-      if (BIAS) {
-        const float bv = BIAS_TILE ? bias_tile.get(i) : float(bias[bias_head + long(r) * bias_sq + long(j) * bias_sk]);
-        x += 1.4426950408889634f * bv;
-      }
+      x = sc.raw(s.v[i], r, j);
+      if (BIAS)
+        x = sc.add_bias(x, BIAS_TILE ? bias_tile.get(i) : float(bias[bias_head + long(r) * bias_sq + long(j) * bias_sk]));
     }
     s.v[i] = x;
   }
 
-  // online softmax: new running max, rescale factor of the previous tiles
-  RowVec<WM> m_tile, alpha, m_ref;
+  // online softmax: new running max, and the previous tiles' o and l rescaled to it (rows with
+  // nothing seen yet keep factor 1: their o and l are 0)
+  RowVec<WM> m_tile, alpha;
   row_max(s, m_tile);
   MFA_UNROLL
   for (int r = 0; r < RowVec<WM>::SIZE; ++r) {
     const float m_new = mfa_fmaxf(m_run.v[r], m_tile.v[r]);
-    m_ref.v[r] = m_new == -MFA_INF ? 0.0f : m_new;  // rows with nothing seen yet stay at 0
-    alpha.v[r] = mfa_exp2f(m_run.v[r] - m_ref.v[r]);
+    alpha.v[r] = m_new == -MFA_INF ? 1.0f : mfa_exp2f((m_run.v[r] - m_new) * sc.unit);
     m_run.v[r] = m_new;
+    l_run.v[r] *= alpha.v[r];
   }
   MFA_UNROLL
+  for (int i = 0; i < Acc<WM, D>::SIZE; ++i) o.v[i] *= alpha.v[Acc<WM, D>::slot(i)];
+  // P = exp2((u − max)·unit): one multiply-add and one exp2 an element; rows with nothing seen
+  // yet (max −inf) take 0 as their max, so their masked scores give 0
+  RowVec<WM> max_log2;
+  MFA_UNROLL
+  for (int r = 0; r < RowVec<WM>::SIZE; ++r) max_log2.v[r] = m_run.v[r] == -MFA_INF ? 0.0f : m_run.v[r] * sc.unit;
+  MFA_UNROLL
   for (int i = 0; i < Acc<WM, BK>::SIZE; ++i)
-    s.v[i] = mfa_exp2f(s.v[i] - m_ref.v[Acc<WM, BK>::slot(i)]);
+    s.v[i] = mfa_exp2f(s.v[i] * sc.unit - max_log2.v[Acc<WM, BK>::slot(i)]);
   RowVec<WM> l_tile;
   row_sum(s, l_tile);
   MFA_UNROLL
-  for (int r = 0; r < RowVec<WM>::SIZE; ++r) l_run.v[r] = l_run.v[r] * alpha.v[r] + l_tile.v[r];
-  MFA_UNROLL
-  for (int i = 0; i < Acc<WM, D>::SIZE; ++i) o.v[i] *= alpha.v[Acc<WM, D>::slot(i)];
+  for (int r = 0; r < RowVec<WM>::SIZE; ++r) l_run.v[r] += l_tile.v[r];
 
   // dropout: the weights of P·V (not of the softmax sum) keep 1/(1-p) or drop to 0
   if (DROPOUT) {
@@ -180,7 +184,7 @@ MFA_UNROLL
 for (int r = 0; r < RowVec<WM>::SIZE; ++r) {
   const bool any = l_run.v[r] > 0.0f;
   inv.v[r] = any ? 1.0f / l_run.v[r] : 0.0f;
-  lse_rows.v[r] = any ? (m_run.v[r] + mfa_log2f(l_run.v[r])) * 0.69314718055994531f : -MFA_INF;
+  lse_rows.v[r] = any ? (m_run.v[r] * sc.unit + mfa_log2f(l_run.v[r])) * 0.69314718055994531f : -MFA_INF;
 }
 MFA_UNROLL
 for (int i = 0; i < Acc<WM, D>::SIZE; ++i) o.v[i] *= inv.v[Acc<WM, D>::slot(i)];

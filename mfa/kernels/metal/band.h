@@ -51,29 +51,38 @@ struct Band {
   }
 };
 
-// The score at (query row i, key j) in log2 units, from x = q·kᵀ:
-//   scale·x, softcapped (CAP) to c·tanh(scale·x / c), minus (ALIBI) slope·|j − i'|, times log2(e).
+// The score at (query row i, key j) in raw units u, from x = q·kᵀ: the score in log2 units is
+// u·unit with unit = scale·log2(e) > 0, so that the row max of u is that of the scores and the
+// softmax weight exp2(u·unit − m·unit) is one multiply-add and one exp2 (FlashAttention's form: a
+// plain score costs no instruction of its own).  u is
+//   x, softcapped (CAP) to (c/scale)·tanh(scale·x / c), minus (ALIBI) (slope/scale)·|j − i'|, plus
+//   (`add_bias`) bias/scale.
 // CAP and ALIBI are template values so plain calls pay nothing for them.
 template <int CAP, int ALIBI>
 struct Scores {
-  float scale_log2, cap_log2, scale_over_cap, slope_log2;
+  float unit, inv_scale, cap_raw, scale_over_cap, slope_raw;
   int offset;
 
-  // From the kernels' fparams [scale·log2(e), scale, softcap·log2(e), scale/softcap], a head's
-  // ALiBi slope and NK − NQ.
-  MFA_FUNC static Scores from(float scale_log2, float cap_log2, float scale_over_cap, float slope, int offset) {
+  // From the kernels' fparams [scale·log2(e), scale, softcap/scale, scale/softcap, ·, 1/scale]
+  // (mfa/kernels/attention.py), a head's ALiBi slope and NK − NQ.
+  MFA_FUNC static Scores from(MFA_DEV const float* fparams, float slope, int offset) {
     Scores s;
-    s.scale_log2 = scale_log2;
-    s.cap_log2 = cap_log2;
-    s.scale_over_cap = scale_over_cap;
-    s.slope_log2 = slope * 1.4426950408889634f;
+    s.unit = fparams[0];
+    s.inv_scale = fparams[5];
+    s.cap_raw = fparams[2];
+    s.scale_over_cap = fparams[3];
+    s.slope_raw = slope * fparams[5];
     s.offset = offset;
     return s;
   }
-  MFA_FUNC float log2_score(float x, int i, int j) const {
-    const float s = CAP ? cap_log2 * mfa_tanhf(x * scale_over_cap) : x * scale_log2;
-    return ALIBI ? s + slope_log2 * alibi_grad(i, j) : s;
+  MFA_FUNC float raw(float x, int i, int j) const {
+    const float s = CAP ? cap_raw * mfa_tanhf(x * scale_over_cap) : x;
+    return ALIBI ? s + slope_raw * alibi_grad(i, j) : s;
   }
+  // u plus an additive bias (natural units): one multiply-add.
+  MFA_FUNC float add_bias(float u, float bias) const { return u + bias * inv_scale; }
+  // A natural-units logit (a sink) in raw units.
+  MFA_FUNC float raw_of_logit(float logit) const { return logit * inv_scale; }
   // d(score)/d(scale·x): 1, or 1 − tanh² under softcap.
   MFA_FUNC float cap_grad(float x) const {
     if (!CAP) return 1.0f;
