@@ -506,7 +506,7 @@ def test_unsupported_calls_are_declined():
 
 
 @pytest.mark.parametrize("scale", [0.0, -0.125, 1e-31])
-def test_scales_outside_the_kernels_range_are_declined_and_auto_stays_exact(scale, monkeypatch):
+def test_scales_outside_the_kernels_range_are_declined_and_auto_routes_them_to_tiled(scale, monkeypatch):
     # the kernels take row maxes of raw q·kᵀ and use 1/scale (band.h's Scores): they need scale > 0
     q, k, v = random_qkv(1, 2, 1, 8, 8, 64)
     reason = kernels.unsupported_reason("emulator", AttentionSpec(scale=scale), AttentionInputs(q, k, v))
