@@ -99,6 +99,41 @@ def test_missing_async_wait_is_an_error():
         launch(body, [mx.ones((256,))], (64,))
 
 
+@pytest.mark.parametrize("access, message", [
+    ("mfa_copy16(smem + 16 * t, in0 + 4 * t + 1, true);", "async copy source"),   # 4 bytes past in0
+    ("mfa_copy16(smem + 16 * t + 16, in0 + 4 * t, true);", "async copy destination"),  # past smem
+    ("mfa_store16(out + 4 * t + 2, smem + 16 * t);", "store"),                        # 8 bytes past out
+    ("mfa_atomic_add(out + 256, 1.0f);", "atomic add"),
+])
+def test_out_of_bounds_access_is_an_error(access, message):
+    body = f"""
+    const int t = int(thread_index_in_threadgroup);
+    MFA_SHARED(smem, 64 * 16);
+    if (t == 63) {{ {access} }}
+    mfa_async_commit();
+    mfa_async_wait<0>();
+    """
+    with pytest.raises(RuntimeError, match=message + ".*outside"):
+        launch(body, [mx.ones((256,))], (256,))
+
+
+def test_in_bounds_accesses_pass_the_checks():
+    body = """
+    const int t = int(thread_index_in_threadgroup);
+    MFA_SHARED(smem, 64 * 16);
+    mfa_copy16(smem + 16 * t, in0 + 4 * t, true);
+    mfa_copy16(smem, in0 + 4096, false);  // a zero-fill copy reads nothing, wherever it points
+    mfa_async_commit();
+    mfa_async_wait<0>();
+    mfa_barrier();
+    mfa_store16(out + 4 * t, smem + 16 * t);
+    """
+    got = np.array(launch(body, [mx.arange(256, dtype=mx.float32)], (256,)))
+    expect = np.arange(256, dtype=np.float32)
+    expect[:4] = 0.0  # thread 0's row was overwritten by the zero-fill (it landed after its copy)
+    np.testing.assert_array_equal(got, expect)
+
+
 def test_divergent_barrier_is_reported_not_hung():
     body = """
     const int t = int(thread_index_in_threadgroup);

@@ -95,7 +95,8 @@ def _load(source: str) -> ctypes.CDLL:
             os.replace(out, so)  # atomic: concurrent builders of the same key are harmless
     lib = ctypes.CDLL(str(so))
     lib.mfa_launch.restype = ctypes.c_char_p
-    lib.mfa_launch.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_int), ctypes.c_int]
+    lib.mfa_launch.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_long), ctypes.c_int,
+                               ctypes.POINTER(ctypes.c_int), ctypes.c_int]
     return lib
 
 
@@ -144,9 +145,12 @@ class EmulatorKernel:
             *consts,
             self.source,
             "}",
-            'extern "C" const char* mfa_launch(void** buffers, const int* groups, int threads) {',
+            'extern "C" const char* mfa_launch(void** buffers, const long* sizes, int nbuffers, const int* groups,',
+            "                                  int threads) {",
             "  static thread_local std::string error;",
-            "  error = emu::launch(groups, threads, [&](int x, int y, int z, int t) {",
+            "  std::vector<emu::Range> ranges;",
+            "  for (int i = 0; i < nbuffers; ++i) ranges.push_back({(const unsigned char*)buffers[i], size_t(sizes[i])});",
+            "  error = emu::launch(groups, threads, ranges, [&](int x, int y, int z, int t) {",
             "    uint3 group = {unsigned(x), unsigned(y), unsigned(z)};",
             f"    mfa_body_{self.name}({', '.join(args)}, group, unsigned(t));",
             "  });",
@@ -176,9 +180,11 @@ class EmulatorKernel:
             else:
                 o[...] = init_value
             outs.append(o)
-        buffers = (ctypes.c_void_p * (len(arrays) + len(outs)))(*[a.ctypes.data for a in arrays + outs])
+        everything = arrays + outs
+        buffers = (ctypes.c_void_p * len(everything))(*[a.ctypes.data for a in everything])
+        sizes = (ctypes.c_long * len(everything))(*[a.nbytes for a in everything])
         groups = (ctypes.c_int * 3)(*[-(-g // t) for g, t in zip(grid, threadgroup)])
-        error = lib.mfa_launch(buffers, groups, int(threadgroup[0]))
+        error = lib.mfa_launch(buffers, sizes, len(everything), groups, int(threadgroup[0]))
         if error:
             raise RuntimeError(f"{self.name}: {error.decode()}")
         result = []

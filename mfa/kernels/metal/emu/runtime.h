@@ -11,7 +11,10 @@
 //     Slots alternate between two buffers so one barrier per collective suffices: a lane can be
 //     at most one collective ahead of the slowest lane of its warp.
 // A thread that returns while others wait at a barrier, lanes waiting at different kinds of
-// barrier, or a barrier that can never complete is reported as an error, not a hang.
+// barrier, or a barrier that can never complete is reported as an error, not a hang.  So is a
+// device access (an async copy's source, a store, a bulk reduction's destination) outside every
+// buffer of the launch, or an async copy's destination outside the group's shared memory: the GPU
+// would read or write out of bounds there.
 #pragma once
 
 #include <cstddef>
@@ -60,8 +63,14 @@ struct Fiber {
 
 struct Group;
 
+struct Range {
+  const unsigned char* lo;
+  size_t bytes;
+};
+
 struct Launch {
   std::function<void(int, int, int, int)> body;  // (group x, y, z, thread index)
+  std::vector<Range> buffers;                     // the kernel's inputs and outputs
   std::string error;
 };
 
@@ -70,6 +79,8 @@ struct Group {
   int gx = 0, gy = 0, gz = 0;
   std::vector<Fiber> fibers;
   std::vector<unsigned char> smem;
+  unsigned char* smem_base = nullptr;  // smem's 1024-byte aligned start
+  size_t smem_bytes = 0;               // the bytes the kernel asked for
   bool smem_ready = false;
   std::vector<unsigned char> scratch;     // [warp][slot][lane][kScratchBytes]
   int done = 0;
@@ -278,12 +289,40 @@ inline unsigned char* shared_memory(size_t bytes) {
   Group& g = *g_group;
   if (!g.smem_ready) {
     g.smem.assign(bytes + 1024, 0xFF);
+    uintptr_t p = reinterpret_cast<uintptr_t>(g.smem.data());
+    g.smem_base = reinterpret_cast<unsigned char*>((p + 1023) & ~uintptr_t(1023));
+    g.smem_bytes = bytes;
     g.smem_ready = true;
-  } else if (bytes + 1024 > g.smem.size()) {
+  } else if (bytes != g.smem_bytes) {
     fail_and_park("threads of one group asked for different shared memory sizes");
   }
-  uintptr_t p = reinterpret_cast<uintptr_t>(g.smem.data());
-  return reinterpret_cast<unsigned char*>((p + 1023) & ~uintptr_t(1023));
+  return g.smem_base;
+}
+
+// ---- bounds of device and shared accesses ---------------------------------------------------
+
+inline bool inside(const void* p, size_t bytes, const unsigned char* lo, size_t size) {
+  const unsigned char* a = static_cast<const unsigned char*>(p);
+  return a >= lo && a + bytes <= lo + size;
+}
+
+// `bytes` of device memory at p lie in one buffer of the launch (else the thread fails and parks).
+inline void check_device(const void* p, size_t bytes, const char* what) {
+  for (const Range& r : g_group->launch->buffers)
+    if (inside(p, bytes, r.lo, r.bytes)) return;
+  char msg[160];
+  std::snprintf(msg, sizeof(msg), "%s of %zu bytes at %p is outside every buffer of the launch", what, bytes, p);
+  fail_and_park(msg);
+}
+
+// `bytes` of threadgroup memory at p lie in the group's shared memory.
+inline void check_shared(const void* p, size_t bytes, const char* what) {
+  const Group& g = *g_group;
+  if (g.smem_ready && inside(p, bytes, g.smem_base, g.smem_bytes)) return;
+  char msg[160];
+  std::snprintf(msg, sizeof(msg), "%s of %zu bytes at offset %td is outside the %zu bytes of shared memory", what,
+                bytes, static_cast<const unsigned char*>(p) - g.smem_base, g.smem_bytes);
+  fail_and_park(msg);
 }
 
 // ---- async copies (cp.async semantics: data lands only at the matching wait) ----------------
@@ -293,6 +332,8 @@ inline unsigned char* shared_memory(size_t bytes) {
 // reads shows up instead.
 
 inline void async_copy(void* dst, const void* src, int src_bytes, int size) {
+  check_shared(dst, size_t(size), "async copy destination");
+  if (src_bytes > 0) check_device(src, size_t(src_bytes), "async copy source");
   if (g_group->copies_early) {
     unsigned char* d = static_cast<unsigned char*>(dst);
     std::memcpy(d, src, size_t(src_bytes));
@@ -327,6 +368,8 @@ inline void async_wait(int keep_groups) {
 inline void bulk_add(float* dst, const float* src, int bytes) {
   if ((reinterpret_cast<uintptr_t>(dst) | reinterpret_cast<uintptr_t>(src) | uintptr_t(bytes)) % 16 != 0)
     fail("bulk reduction with an address or size that is not a multiple of 16 bytes");
+  check_device(dst, size_t(bytes), "bulk reduction destination");
+  check_shared(src, size_t(bytes), "bulk reduction source");
   g_fiber->bulk_pending.push_back([=]() {
     for (int e = 0; e < bytes / 4; ++e) dst[e] += src[e];
   });
@@ -421,11 +464,13 @@ inline void run_group(Group& g) {
 }
 
 // Run `body(gx, gy, gz, tid)` for every thread of a grid of `groups` threadgroups of `threads`
-// threads.  Returns an empty string on success, else the first error.
-inline std::string launch(const int groups[3], int threads,
+// threads, whose device accesses must stay inside `buffers`.  Returns an empty string on
+// success, else the first error.
+inline std::string launch(const int groups[3], int threads, std::vector<Range> buffers,
                           std::function<void(int, int, int, int)> body) {
   Launch L;
   L.body = std::move(body);
+  L.buffers = std::move(buffers);
   if (threads <= 0 || threads % kWarp != 0)
     return "threadgroup size " + std::to_string(threads) + " is not a positive multiple of 32";
   Group g;
