@@ -12,9 +12,9 @@
 //     at most one collective ahead of the slowest lane of its warp.
 // A thread that returns while others wait at a barrier, lanes waiting at different kinds of
 // barrier, or a barrier that can never complete is reported as an error, not a hang.  So is a
-// device access (an async copy's source, a store, a bulk reduction's destination) outside every
-// buffer of the launch, or an async copy's destination outside the group's shared memory: the GPU
-// would read or write out of bounds there.
+// device access (an async copy's source, a store, an atomic add, a bulk reduction's destination)
+// outside every buffer of the launch, or an async copy's destination outside the group's shared
+// memory: the GPU would read or write out of bounds there.
 #pragma once
 
 #include <cstddef>
