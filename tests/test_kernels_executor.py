@@ -130,7 +130,7 @@ def test_in_bounds_accesses_pass_the_checks():
     """
     got = np.array(launch(body, [mx.arange(256, dtype=mx.float32)], (256,)))
     expect = np.arange(256, dtype=np.float32)
-    expect[:4] = 0.0  # thread 0's row was overwritten by the zero-fill (it landed after its copy)
+    expect[:4] = 0.0  # every thread's zero-fill lands on row 0, after thread 0's own copy there
     np.testing.assert_array_equal(got, expect)
 
 
