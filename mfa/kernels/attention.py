@@ -367,7 +367,9 @@ def fuses_by_default(target: str, spec: AttentionSpec, inputs: AttentionInputs, 
     of its kernels, the fused one once.  H100, bf16, dropout 0.1, fwd+bwd pipelined ms, split /
     fused: B=2 H=16 N=4096 D=64 causal 1.46 / 1.35; B=4 H=16 N=2048 D=64 1.30 / 1.23; B=8 H=16
     N=1024 D=64 causal 0.465 / 0.468; but D=128 causal 2.04 / 2.39 and B=2 H=32 Hkv=8 N=4096
-    D=128 causal 4.14 / 5.12 (``benchmarks/results/h100_dropout_1207.md``).  Without dropout
+    D=128 causal 4.14 / 5.12 (``benchmarks/results/h100_dropout_1207.md``); at D=80 and 96 (B=2
+    H=16 N=4096 causal) they tie, 1.83 / 1.84 and 2.12 / 2.11 (``h100_bias_l2_1208.md``), so those
+    keep the split form, which adds nothing with atomics.  Without dropout
     the split form wins (plain causal N=4096 D=64: 0.91 / 1.05 ms; block-sparse and window too).
     Metal's fused form adds element by element and is unmeasured: split.
     """
