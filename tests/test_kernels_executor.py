@@ -3,6 +3,10 @@
 Small hand-written kernel bodies, run through `EmulatorKernel` like the attention kernels.
 """
 
+import os
+import subprocess
+import sys
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -214,3 +218,89 @@ def test_missing_wgmma_wait_is_an_error():
     """
     with pytest.raises(RuntimeError, match="wgmma products never waited"):
         launch_wgmma(body, [mx.ones((32,))], (32,))
+
+
+# -- AddressSanitizer builds ($MFA_EMULATOR_SANITIZE=address): plain loads of a kernel body -------
+
+def _asan_preload():
+    """LD_PRELOAD value that loads ASan's runtime (and libstdc++, whose throws ASan intercepts), or None."""
+    libs = []
+    for name in ("libasan.so", "libstdc++.so"):
+        path = subprocess.run(["gcc", f"-print-file-name={name}"], capture_output=True, text=True).stdout.strip()
+        if not path.startswith("/"):
+            return None
+        libs.append(path)
+    return " ".join(libs)
+
+
+ASAN_PROBE = r'''
+import sys
+import mlx.core as mx
+from mfa.kernels import emulator
+body = "const int t = int(thread_index_in_threadgroup); out[t] = in0[t + OFFSET];"
+k = emulator.EmulatorKernel("probe", ["in0"], ["out"], body, arch="cuda")
+x = mx.arange(64, dtype=mx.float32)
+got = k(inputs=[x], output_shapes=[(32,)], output_dtypes=[mx.float32], grid=(32, 1, 1), threadgroup=(32, 1, 1),
+        template=[("OFFSET", int(sys.argv[1]))])[0]
+print("sum", float(got.sum()))
+'''
+
+ASAN_ATTENTION = r'''
+import mlx.core as mx
+import mfa
+finite = True
+# a staged bias (rows of whole 16-byte chunks) under a causal window, GQA; then a bias read element
+# by element (90 keys), non-causal, B = 2 with the bias shared by the batch and per batch row:
+# tiles past the last query row and key, whose elements must not read the bias
+for B, nk, bias_b, kw in [(1, 72, 1, dict(causal=True, window=(30, 4))), (2, 90, 1, {}), (2, 90, 2, {})]:
+    q = mx.random.normal((B, 4, 70, 64), key=mx.random.key(1)).astype(mx.bfloat16)
+    k, v = (mx.random.normal((B, 2, nk, 64), key=mx.random.key(s)).astype(mx.bfloat16) for s in (2, 3))
+    bias = mx.random.normal((bias_b, 4, 70, nk), key=mx.random.key(5)).astype(mx.bfloat16)
+    f = lambda q, k, v, b: mfa.flash_attention(q, k, v, bias=b, backend="emulator", **kw).sum()
+    grads = mx.grad(f, argnums=(0, 1, 2, 3))(q, k, v, bias)
+    finite = finite and all(bool(mx.isfinite(g.astype(mx.float32)).all()) for g in grads)
+print("finite", finite)
+'''
+
+
+def _run_under_asan(code, *args, tmp_path):
+    """Run `code` in a Python subprocess with ASan preloaded and the emulator's kernels built with it."""
+    preload = _asan_preload()
+    if preload is None:
+        pytest.skip("gcc's AddressSanitizer runtime is not installed")
+    env = dict(os.environ, LD_PRELOAD=preload, ASAN_OPTIONS="detect_leaks=0", MFA_EMULATOR_SANITIZE="address",
+               MFA_CACHE_DIR=str(tmp_path), MFA_EMULATOR_ARCH="cuda")
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, timeout=600)
+
+
+def test_asan_build_reports_a_plain_out_of_bounds_load(tmp_path):
+    """A kernel body's own load past its input (no runtime check covers plain loads) ends the
+    process with ASan's heap-buffer-overflow report; the same kernel in bounds runs clean."""
+    fine = _run_under_asan(ASAN_PROBE, "32", tmp_path=tmp_path)
+    assert fine.returncode == 0, fine.stderr[-3000:]
+    assert "sum " + str(float(sum(range(32, 64)))) in fine.stdout
+    bad = _run_under_asan(ASAN_PROBE, "40", tmp_path=tmp_path)
+    assert bad.returncode != 0
+    assert "heap-buffer-overflow" in bad.stderr, bad.stderr[-3000:]
+
+
+def test_attention_kernels_are_clean_under_asan(tmp_path):
+    """The forward and backward kernels of biased GQA calls (staged and element by element, edge
+    tiles, a partial band) make no out-of-bounds access, plain loads included.  (The forward and
+    dq kernels once took a last query tile as wholly inside the band and read the bias of its rows
+    past the last one.)"""
+    run = _run_under_asan(ASAN_ATTENTION, tmp_path=tmp_path)
+    assert run.returncode == 0 and "AddressSanitizer" not in run.stderr, run.stderr[-3000:]
+    assert "finite True" in run.stdout
+
+
+def test_asan_build_needs_the_runtime_preloaded(monkeypatch):
+    """Without ASan's runtime in the process, asking for an ASan build is a clear error, not a crash."""
+    monkeypatch.setenv("MFA_EMULATOR_SANITIZE", "address")
+    if emulator._asan_loaded():
+        pytest.skip("this process has ASan loaded")
+    with pytest.raises(RuntimeError, match="LD_PRELOAD"):
+        emulator.build_flags()
+    monkeypatch.setenv("MFA_EMULATOR_SANITIZE", "memory")
+    with pytest.raises(ValueError, match="MFA_EMULATOR_SANITIZE"):
+        emulator.build_flags()

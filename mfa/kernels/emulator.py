@@ -7,6 +7,15 @@ dtypes) becomes one shared library (``g++ -O2``), cached on disk under ``$MFA_CA
 runs every GPU thread as a fiber with barriers, shuffles and warp matrix instructions honoured.
 Inputs and outputs go through numpy, so a call evaluates its inputs: fine in eager code and
 under ``mx.grad``; not traceable by ``mx.compile``.  Slow by design: small shapes only.
+
+``$MFA_EMULATOR_SANITIZE=address`` builds the kernels with AddressSanitizer, so that every plain
+load and store of a kernel body is checked too (the runtime checks the copies, stores and atomic
+adds it performs itself in any build).  The process must have ASan's runtime loaded first::
+
+    LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libstdc++.so)" \
+        ASAN_OPTIONS=detect_leaks=0 MFA_EMULATOR_SANITIZE=address python -m pytest ...
+
+An out-of-bounds access then ends the process with ASan's report.
 """
 
 from __future__ import annotations
@@ -19,7 +28,7 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import mlx.core as mx
 import numpy as np
@@ -52,6 +61,34 @@ def compiler() -> Optional[str]:
     return os.environ.get("CXX") or shutil.which("g++") or shutil.which("clang++") or shutil.which("c++")
 
 
+def sanitizer() -> str:
+    """``$MFA_EMULATOR_SANITIZE``: ``""`` (none) or ``"address"``."""
+    value = os.environ.get("MFA_EMULATOR_SANITIZE", "")
+    if value not in ("", "address"):
+        raise ValueError(f"MFA_EMULATOR_SANITIZE={value!r} must be 'address' or empty")
+    return value
+
+
+def _asan_loaded() -> bool:
+    """Whether AddressSanitizer's runtime is in this process (preloaded)."""
+    try:
+        ctypes.CDLL(None).__asan_init  # noqa: B018
+        return True
+    except AttributeError:
+        return False
+
+
+def build_flags() -> Tuple[str, ...]:
+    """The compiler flags of a kernel build: `FLAGS`, plus AddressSanitizer's under `sanitizer`."""
+    if sanitizer() != "address":
+        return FLAGS
+    if not _asan_loaded():
+        raise RuntimeError("MFA_EMULATOR_SANITIZE=address needs AddressSanitizer's runtime loaded first: run with "
+                           'LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libstdc++.so)" '
+                           "ASAN_OPTIONS=detect_leaks=0")
+    return FLAGS + ("-fsanitize=address", "-fno-omit-frame-pointer", "-g")
+
+
 def cache_dir() -> Path:
     """Where compiled kernels are kept: ``$MFA_CACHE_DIR/emulator`` (default ``~/.cache/mfa``)."""
     return Path(os.environ.get("MFA_CACHE_DIR", "~/.cache/mfa")).expanduser() / "emulator"
@@ -73,13 +110,17 @@ def _runtime_fingerprint() -> str:
     return h.hexdigest()
 
 
-@functools.cache
 def _load(source: str) -> ctypes.CDLL:
     """Compile (or find in the disk cache) and load one generated translation unit."""
+    return _load_built(source, build_flags())
+
+
+@functools.cache
+def _load_built(source: str, flags: Tuple[str, ...]) -> ctypes.CDLL:
     cxx = compiler()
     if cxx is None:
         raise RuntimeError("the emulator needs a C++ compiler: set $CXX or install g++")
-    key = hashlib.sha256("\0".join([source, _runtime_fingerprint(), cxx, *FLAGS]).encode()).hexdigest()[:32]
+    key = hashlib.sha256("\0".join([source, _runtime_fingerprint(), cxx, *flags]).encode()).hexdigest()[:32]
     directory = cache_dir()
     so = directory / f"{key}.so"
     if not so.exists():
@@ -88,7 +129,7 @@ def _load(source: str) -> ctypes.CDLL:
             cpp = Path(tmp) / "kernel.cpp"
             cpp.write_text(source)
             out = Path(tmp) / "kernel.so"
-            cmd = [cxx, *FLAGS, "-I", str(sources.kernel_dir()), str(cpp), "-o", str(out)]
+            cmd = [cxx, *flags, "-I", str(sources.kernel_dir()), str(cpp), "-o", str(out)]
             result = subprocess.run(cmd, capture_output=True, text=True)
             if result.returncode != 0:
                 raise RuntimeError(f"emulator build failed ({' '.join(cmd)}):\n{result.stderr[-6000:]}")

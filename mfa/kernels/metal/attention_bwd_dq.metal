@@ -167,7 +167,8 @@ for (int b = b_first; b < b_end; ++b) {
 
     // P = exp2(u·unit − lse) (zero where masked; u in raw units, band.h's Scores),
     // dS = P ∘ (dP ∘ Z − delta), dS_raw = dS ∘ d(softcap)
-    const bool inside = band.inside(q0, q1, k0, k0 + BK);
+    // the whole tile's rows, also those past the last (as in attention_fwd.metal)
+    const bool inside = band.inside(q0, q0 + BQ, k0, k0 + BK);
     // block-sparse: the tile's kept elements as bits, found once a tile (variants.h's KeepBits)
     const KeepBits<Acc<WM, BK>> kept =
         keep_bits<Acc<WM, BK>, SPARSE, BQ, BK>(band, inside || !SPARSE, bits, partial, row0, q0, k0, lc);

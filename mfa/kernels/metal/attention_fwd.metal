@@ -121,7 +121,9 @@ for (int t = 1 - STAGES; t < ntiles; ++t) {
   Acc<WM, BK> s;
   s.zero();
   mma_abt_b<WG, D>(s, sQw, LD, sK, LD, lc);
-  const bool inside = band.inside(q0, q1, k0, k0 + BK);
+  // the whole tile's rows, also those past the last (a partial tile is masked per element:
+  // rows >= nq must not read the bias)
+  const bool inside = band.inside(q0, q0 + BQ, k0, k0 + BK);
   AccTile<WM, BK, 0, TB> bias_tile;  // BIAS_TILE: this warp's rows of the staged bias tile
   if (BIAS_TILE) bias_tile.load(sBt + warp * WM * LDB, LDB, lc);
   MFA_UNROLL

@@ -46,6 +46,8 @@ struct Band {
     return hi < nq ? hi : nq;
   }
   // Whether every (row in [r0, r1), key in [k0, k1)) pair is kept: no per-element mask needed.
+  // Callers pass a tile's full extents (r0 + BQ, k0 + BK), so that a tile reaching past the
+  // last row or key is masked per element and its rows past nq read no bias.
   MFA_FUNC bool inside(int r0, int r1, int k0, int k1) const {
     return r1 <= nq && k1 <= nk && k0 >= r1 - 1 + offset - left && k1 - 1 <= r0 + offset + right;
   }

@@ -14,7 +14,9 @@
 // barrier, or a barrier that can never complete is reported as an error, not a hang.  So is a
 // device access (an async copy's source, a store, an atomic add, a bulk reduction's destination)
 // outside every buffer of the launch, or an async copy's destination outside the group's shared
-// memory: the GPU would read or write out of bounds there.
+// memory: the GPU would read or write out of bounds there.  Built with AddressSanitizer
+// ($MFA_EMULATOR_SANITIZE=address, mfa/kernels/emulator.py), the context switches tell ASan
+// which fiber stack runs, so that it also checks every plain load and store of a kernel body.
 #pragma once
 
 #include <cstddef>
@@ -28,6 +30,10 @@
 
 #if !defined(__x86_64__)
 #include <ucontext.h>
+#endif
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/asan_interface.h>
+#include <sanitizer/common_interface_defs.h>
 #endif
 
 namespace emu {
@@ -58,6 +64,7 @@ struct Fiber {
   std::vector<AsyncCopy> pending;         // cp.async copies not yet completed
   std::vector<size_t> group_ends;         // committed async groups: end offsets into `pending`
   std::vector<std::function<void()>> wgmma_pending;  // wgmmas issued, not yet waited for
+  void* asan_fake_stack = nullptr;        // ASan builds: this fiber's fake stack while switched out
   std::vector<std::function<void()>> bulk_pending;   // bulk reductions issued, not yet waited for
 };
 
@@ -86,6 +93,9 @@ struct Group {
   int done = 0;
   bool copies_early = false;  // $MFA_EMU_COPIES=early: async copies land at issue
   Launch* launch = nullptr;
+  void* asan_fake_stack = nullptr;         // ASan builds: the scheduler's, while a fiber runs
+  const void* sched_stack_bottom = nullptr;  // ASan builds: the scheduler's stack
+  size_t sched_stack_size = 0;
 #if defined(__x86_64__)
   void* sched_sp = nullptr;
 #else
@@ -142,7 +152,25 @@ mfa_emu_trampoline:
 
 void fiber_main(Fiber* f);
 
+// ASan builds: a context switch is announced before it happens (the stack about to run) and
+// completed after it (on the new stack); elsewhere these do nothing.
+inline void asan_switch_start(void** fake_stack_save, const void* bottom, size_t size) {
+#if defined(__SANITIZE_ADDRESS__)
+  __sanitizer_start_switch_fiber(fake_stack_save, bottom, size);
+#else
+  (void)fake_stack_save, (void)bottom, (void)size;
+#endif
+}
+inline void asan_switch_finish(void* fake_stack_save, const void** bottom_old, size_t* size_old) {
+#if defined(__SANITIZE_ADDRESS__)
+  __sanitizer_finish_switch_fiber(fake_stack_save, bottom_old, size_old);
+#else
+  (void)fake_stack_save, (void)bottom_old, (void)size_old;
+#endif
+}
+
 inline void fiber_entry(Fiber* f) {
+  asan_switch_finish(nullptr, &g_group->sched_stack_bottom, &g_group->sched_stack_size);
   fiber_main(f);
 }
 
@@ -153,6 +181,11 @@ inline void fiber_entry_ucontext(unsigned hi, unsigned lo) {
 #endif
 
 inline void fiber_init(Fiber& f) {
+#if defined(__SANITIZE_ADDRESS__)
+  // frames of the stack's previous fiber that never returned leave their redzones poisoned
+  __asan_unpoison_memory_region(f.stack, kStackBytes);
+#endif
+  f.asan_fake_stack = nullptr;
 #if defined(__x86_64__)
   // Stack image popped by mfa_emu_switch: mxcsr/fpu word, r15, r14, r13, r12, rbx, rbp, return.
   uintptr_t top = (reinterpret_cast<uintptr_t>(f.stack) + kStackBytes) & ~uintptr_t(15);
@@ -184,22 +217,26 @@ inline void fiber_init(Fiber& f) {
 
 inline void switch_to_fiber(Group& g, Fiber& f) {
   g_fiber = &f;
+  asan_switch_start(&g.asan_fake_stack, f.stack, kStackBytes);
 #if defined(__x86_64__)
   mfa_emu_switch(&g.sched_sp, f.sp);
 #else
   swapcontext(&g.sched_ctx, &f.ctx);
 #endif
+  asan_switch_finish(g.asan_fake_stack, nullptr, nullptr);
   g_fiber = nullptr;
 }
 
 inline void yield_to_scheduler() {
   Group& g = *g_group;
   Fiber& f = *g_fiber;
+  asan_switch_start(&f.asan_fake_stack, g.sched_stack_bottom, g.sched_stack_size);
 #if defined(__x86_64__)
   mfa_emu_switch(&f.sp, g.sched_sp);
 #else
   swapcontext(&f.ctx, &g.sched_ctx);
 #endif
+  asan_switch_finish(f.asan_fake_stack, &g.sched_stack_bottom, &g.sched_stack_size);
 }
 
 // ---- errors ---------------------------------------------------------------------------------
