@@ -222,17 +222,6 @@ def test_missing_wgmma_wait_is_an_error():
 
 # -- AddressSanitizer builds ($MFA_EMULATOR_SANITIZE=address): plain loads of a kernel body -------
 
-def _asan_preload():
-    """LD_PRELOAD value that loads ASan's runtime (and libstdc++, whose throws ASan intercepts), or None."""
-    libs = []
-    for name in ("libasan.so", "libstdc++.so"):
-        path = subprocess.run(["gcc", f"-print-file-name={name}"], capture_output=True, text=True).stdout.strip()
-        if not path.startswith("/"):
-            return None
-        libs.append(path)
-    return " ".join(libs)
-
-
 ASAN_PROBE = r'''
 import sys
 import mlx.core as mx
@@ -265,9 +254,9 @@ print("finite", finite)
 
 def _run_under_asan(code, *args, tmp_path):
     """Run `code` in a Python subprocess with ASan preloaded and the emulator's kernels built with it."""
-    preload = _asan_preload()
+    preload = emulator.asan_preload()
     if preload is None:
-        pytest.skip("gcc's AddressSanitizer runtime is not installed")
+        pytest.skip("the emulator's compiler has no AddressSanitizer runtime")
     env = dict(os.environ, LD_PRELOAD=preload, ASAN_OPTIONS="detect_leaks=0", MFA_EMULATOR_SANITIZE="address",
                MFA_CACHE_DIR=str(tmp_path), MFA_EMULATOR_ARCH="cuda")
     return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, timeout=600)

@@ -80,13 +80,28 @@ def _asan_loaded() -> bool:
         return False
 
 
+def asan_preload() -> Optional[str]:
+    """The ``LD_PRELOAD`` value that loads the `compiler`'s AddressSanitizer runtime (and libstdc++,
+    whose throws ASan intercepts) into a process, or None where the compiler has none."""
+    cxx = compiler()
+    if cxx is None:
+        return None
+    libs = []
+    for name in ("libasan.so", "libstdc++.so"):
+        path = subprocess.run([cxx, f"-print-file-name={name}"], capture_output=True, text=True).stdout.strip()
+        if not os.path.isabs(path):
+            return None
+        libs.append(path)
+    return " ".join(libs)
+
+
 def build_flags() -> Tuple[str, ...]:
     """The compiler flags of a kernel build: `FLAGS`, plus AddressSanitizer's under `sanitizer`."""
     if sanitizer() != "address":
         return FLAGS
     if not _asan_loaded():
         raise RuntimeError("MFA_EMULATOR_SANITIZE=address needs AddressSanitizer's runtime loaded first: run with "
-                           'LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libstdc++.so)" '
+                           f"LD_PRELOAD={asan_preload() or '<the compiler has no libasan.so>'!r} "
                            "ASAN_OPTIONS=detect_leaks=0")
     return FLAGS + ("-fsanitize=address", "-fno-omit-frame-pointer", "-g")
 

@@ -64,8 +64,8 @@ struct Fiber {
   std::vector<AsyncCopy> pending;         // cp.async copies not yet completed
   std::vector<size_t> group_ends;         // committed async groups: end offsets into `pending`
   std::vector<std::function<void()>> wgmma_pending;  // wgmmas issued, not yet waited for
-  void* asan_fake_stack = nullptr;        // ASan builds: this fiber's fake stack while switched out
   std::vector<std::function<void()>> bulk_pending;   // bulk reductions issued, not yet waited for
+  void* asan_fake_stack = nullptr;        // ASan builds: this fiber's fake stack while switched out
 };
 
 struct Group;
