@@ -108,14 +108,18 @@ def test_metal_check_catches_a_broken_body(capfd, tmp_path):
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
 def test_cuda_sources_compile_with_nvcc(tmp_path, monkeypatch):
     calls = []
+    every_variant = [("plain", mx.bfloat16, 128), ("plain", mx.float16, 64)] + [(v, mx.bfloat16, 64)
+                                                                               for v in VARIANTS[1:]]
     # both backward forms, and the kernels with and without wgmma B tiles (a forward of 8 warps of
-    # 16 rows takes them too)
-    for bwd, wgmma, blocks in [("split", "1", "fwd=128x64x8x2"), ("fused", "1", ""), ("split", "0", "")]:
+    # 16 rows takes them too); staged bias tiles copied ahead of the others (BIAS_LEAD)
+    bias_lead = "fwd=64x64x4x2x0x1,dq=64x64x4x2x0x1,dkdv=64x64x4x2x0x2"
+    for bwd, wgmma, blocks, variants in [("split", "1", "fwd=128x64x8x2", every_variant), ("fused", "1", "", every_variant),
+                                         ("split", "0", "", every_variant),
+                                         ("split", "1", bias_lead, [("everything", mx.bfloat16, 64)])]:
         monkeypatch.setenv("MFA_BWD", bwd)
         monkeypatch.setenv("MFA_WGMMA", wgmma)
         monkeypatch.setenv("MFA_BLOCKS", blocks)
-        for variant, dtype, D in [("plain", mx.bfloat16, 128), ("plain", mx.float16, 64)] + [
-                (v, mx.bfloat16, 64) for v in VARIANTS[1:]]:
+        for variant, dtype, D in variants:
             spec, inputs = variant_call(variant, dtype, D)
 
             def fn():
@@ -124,6 +128,7 @@ def test_cuda_sources_compile_with_nvcc(tmp_path, monkeypatch):
 
             calls += offline.record_cuda_launches(fn)
     assert {c[0] for c in calls} == set(sources.KERNELS)
+    assert {dict(c[1]).get("BIAS_LEAD") for c in calls} >= {0, 1, 2}
     functions = [offline.cuda_kernel_source(*c, function_name=f"custom_kernel_{c[0]}_{i}") for i, c in enumerate(calls)]
     path = tmp_path / "kernels.cu"
     path.write_text(offline.cuda_translation_unit(functions))

@@ -217,6 +217,75 @@ def test_staged_bias_tiles_and_row_by_row_dbias(arch, monkeypatch, shape, causal
     check(q, k, v, causal, scale=0.125, window=window, bias=bias)
 
 
+BIAS_LEAD_CASES = {
+    "full bias, causal window": dict(shape=(2, 4, 150, 328), causal=True, window=(200, 20)),
+    "full bias, split backward": dict(shape=(2, 4, 150, 328), form="split"),
+    "per-head bias, batch loop": dict(shape=(1, 4, 150, 328)),
+    "block-sparse": dict(shape=(2, 4, 150, 328), block_mask=True),
+}
+
+
+@pytest.mark.parametrize("copies", ["at_wait", "early"])
+@pytest.mark.parametrize("case", sorted(BIAS_LEAD_CASES))
+def test_bias_tiles_copied_ahead_of_the_others(arch, monkeypatch, case, copies):
+    """`Tiles.bias_lead` (BIAS_LEAD): each kernel copies its staged bias tiles 1-3 tiles (work items
+    in dk/dv) ahead of the rest, through a ring of STAGES + BIAS_LEAD tiles, and every gradient still
+    matches the oracle: with copies landing at their wait (a tile waited for too late is stale) or at
+    their issue (a slot refilled while still read is overwritten), over rings longer than a row's
+    tiles, band-skipped tiles, block-sparse lists and the dq kernel's batch loop."""
+    kw = dict(BIAS_LEAD_CASES[case])
+    shape, form = kw.pop("shape"), kw.pop("form", "auto")
+    monkeypatch.setenv("MFA_BWD", form)
+    monkeypatch.setenv("MFA_EMU_COPIES", copies)
+    # CUDA family: 64 x 64 tiles of 2 stages; Metal family: 32 x 32 tiles of 1 stage, in float16
+    # (float32 rings do not fit its 32 KB)
+    tiles = "64x64x4x2x0x{}" if arch == "cuda" else "32x32x4x1x0x{}"
+    monkeypatch.setenv("MFA_BLOCKS", f"fwd={tiles.format(1)},dq={tiles.format(2)},dkdv={tiles.format(3)}")
+    dtype = mx.bfloat16 if arch == "cuda" else mx.float16
+    B, H, Nq, Nk = 2, 4, shape[2], shape[3]
+    q, k, v = random_qkv(B, H, 2, Nq, Nk, 64, dtype=dtype, seed=len(case))
+    bias = mx.random.normal(shape, key=mx.random.key(shape[0])).astype(dtype)
+    if kw.pop("block_mask", False):
+        kw["block_mask"] = BlockMask.from_mask_mod(lambda b, h, i, j: (i // 32 + j // 32 + h) % 3 != 1, 1, H, Nq, Nk,
+                                                   block_size=32 if arch == "metal" else 64)
+    spec = AttentionSpec(scale=0.125, has_bias=True, causal=kw.get("causal", False), window=kw.get("window"),
+                         block_mask=kw.get("block_mask"))
+    inputs = AttentionInputs(q, k, v, bias, None, None, None, None)
+
+    def launches():
+        out, lse = attention.forward("emulator", spec, inputs)
+        attention.backward("emulator", spec, inputs, out, lse, out, None)
+
+    leads = {name: dict(template)["BIAS_LEAD"] for name, template, _, _ in offline.record_cuda_launches(launches)
+             if name != "attention_bwd_preprocess"}
+    expected = {"attention_fwd": 1, "attention_bwd_dkdv": 3}
+    if form == "split" or shape[0] == 1:
+        expected["attention_bwd_dq"] = 2
+    assert leads == expected
+    check(q, k, v, scale=0.125, bias=bias, **kw)
+
+
+def test_bias_lead_gives_way_where_its_ring_does_not_fit(monkeypatch):
+    """At D = 256 the dk/dv kernel's ring of 2 + 3 bias tiles exceeds 227 KB: it keeps its staged
+    tiles without the lead (BIAS_LEAD 0) rather than reading the bias per element; the forward's
+    ring fits and keeps its lead (recorded, not run)."""
+    monkeypatch.setenv("MFA_EMULATOR_ARCH", "cuda")
+    monkeypatch.setenv("MFA_BLOCKS", "fwd=64x64x4x2x0x3,dkdv=64x64x4x2x0x3")
+    q, k, v = random_qkv(1, 2, 2, 128, 128, 256, dtype=mx.bfloat16)
+    spec = AttentionSpec(scale=0.0625, has_bias=True)
+    inputs = AttentionInputs(q, k, v, mx.zeros((1, 2, 128, 128), mx.bfloat16), None, None, None, None)
+
+    def launches():
+        out, lse = attention.forward("emulator", spec, inputs)
+        attention.backward("emulator", spec, inputs, out, lse, out, None)
+
+    staged = {name: (dict(t)["BIAS_TILE"], dict(t)["BIAS_LEAD"], dict(t)["SMEM"])
+              for name, t, _, _ in offline.record_cuda_launches(launches) if name != "attention_bwd_preprocess"}
+    assert {name: tile_and_lead for name, (*tile_and_lead, _) in staged.items()} == {
+        "attention_fwd": [1, 3], "attention_bwd_dkdv": [1, 0]}
+    assert all(smem <= attention.SHARED_LIMIT["cuda"] for *_, smem in staged.values())
+
+
 @pytest.mark.parametrize("case", ["per-batch block mask", "dense"])
 def test_batch_shared_bias_sums_dbias_in_place(arch, case):
     """A bias (1, H, Nq, Nk) with B = 3: each dq threadgroup runs the 3 batch rows in turn and sums

@@ -235,13 +235,18 @@ print("sum", float(got.sum()))
 '''
 
 ASAN_ATTENTION = r'''
+import os
 import mlx.core as mx
 import mfa
 finite = True
 # a staged bias (rows of whole 16-byte chunks) under a causal window, GQA; then a bias read element
 # by element (90 keys), non-causal, B = 2 with the bias shared by the batch and per batch row:
-# tiles past the last query row and key, whose elements must not read the bias
-for B, nk, bias_b, kw in [(1, 72, 1, dict(causal=True, window=(30, 4))), (2, 90, 1, {}), (2, 90, 2, {})]:
+# tiles past the last query row and key, whose elements must not read the bias; last, staged bias
+# tiles copied ahead of the others (a ring longer than the tiles to visit)
+lead = "fwd=64x64x4x2x0x1,dq=64x64x4x2x0x1,dkdv=64x64x4x2x0x2"
+for B, nk, bias_b, kw, blocks in [(1, 72, 1, dict(causal=True, window=(30, 4)), ""), (2, 90, 1, {}, ""),
+                                  (2, 90, 2, {}, ""), (2, 136, 1, {}, lead)]:
+    os.environ["MFA_BLOCKS"] = blocks
     q = mx.random.normal((B, 4, 70, 64), key=mx.random.key(1)).astype(mx.bfloat16)
     k, v = (mx.random.normal((B, 2, nk, 64), key=mx.random.key(s)).astype(mx.bfloat16) for s in (2, 3))
     bias = mx.random.normal((bias_b, 4, 70, nk), key=mx.random.key(5)).astype(mx.bfloat16)
@@ -275,7 +280,7 @@ def test_asan_build_reports_a_plain_out_of_bounds_load(tmp_path):
 
 def test_attention_kernels_are_clean_under_asan(tmp_path):
     """The forward and backward kernels of biased GQA calls (staged and element by element, edge
-    tiles, a partial band) make no out-of-bounds access, plain loads included.  (The forward and
+    tiles, a partial band, a bias ring with a lead) make no out-of-bounds access, plain loads included.  (The forward and
     dq kernels once took a last query tile as wholly inside the band and read the bias of its rows
     past the last one.)"""
     run = _run_under_asan(ASAN_ATTENTION, tmp_path=tmp_path)

@@ -49,6 +49,20 @@ def test_staged_bias_and_dbias(target, shape, dtype, window):
     check(q, k, v, False, target=target, window=window, bias=bias)
 
 
+@pytest.mark.parametrize("blocks", ["fwd=64x64x4x2x0x1,dq=64x64x4x2x0x2,dkdv=64x64x4x2x0x3",
+                                    "fwd=64x64x4x1x4x1,dkdv=64x64x4x1x3x1"])
+@pytest.mark.parametrize("form", ["auto", "split"])
+def test_staged_bias_copied_ahead(target, monkeypatch, blocks, form):
+    """Staged bias tiles copied 1-3 tiles ahead of the others (`Tiles.bias_lead`), also with one
+    K/V stage under a register cap; a full bias and a per-head one (the dq kernel's batch loop)."""
+    monkeypatch.setenv("MFA_BLOCKS", blocks if target == "cuda" else "")
+    monkeypatch.setenv("MFA_BWD", form)
+    q, k, v = random_qkv(2, 4, 2, 600, 560, 64, dtype=mx.bfloat16, seed=39)
+    for shape in [(2, 4, 600, 560), (1, 4, 600, 560)]:
+        bias = mx.random.normal(shape, key=mx.random.key(8)).astype(mx.bfloat16)
+        check(q, k, v, True, target=target, window=(300, 40), bias=bias)
+
+
 @pytest.mark.parametrize("window", [None, (200, 100)])
 def test_full_bias_dbias_from_the_dq_kernel(target, monkeypatch, window):
     """$MFA_BWD=split: a full bias's dbias comes from the dq kernel (by default the dk/dv kernel

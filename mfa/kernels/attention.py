@@ -204,8 +204,8 @@ def block_sizes(target: str, head_dim: int, dtype: mx.Dtype, settings: Optional[
     """The tiles `target` uses for a (compiled) head dim and dtype.
 
     ``$MFA_BLOCKS`` (``settings.blocks``; the environment now when ``settings`` is None)
-    overrides them for tuning, e.g. ``fwd=128x64x8x2,dq=64x64x4x2x3,dkdv=64x64x4`` (block_q x
-    block_k x warps [x stages [x min_blocks]] per kernel, see `Tiles`); ``$MFA_WGMMA=0`` turns
+    overrides them for tuning, e.g. ``fwd=128x64x8x2,dq=64x64x4x2x3,dkdv=64x64x4x2x0x1`` (block_q x
+    block_k x warps [x stages [x min_blocks [x bias_lead]]] per kernel, see `Tiles`); ``$MFA_WGMMA=0`` turns
     off the wgmma B tiles (`blocks.wgmma`).
     """
     settings = settings or read_settings()
@@ -233,7 +233,8 @@ def _template(target: str, name: str, tiles: Tiles, dtype: mx.Dtype, d: int, spe
     variant switches.
 
     ``stage_bias`` (see `bias_tiles`) turns on BIAS_TILE where the staged tiles fit the target's
-    shared memory; the kernel reads the bias element by element otherwise.  ``fused``: the dk/dv
+    shared memory (with ``tiles.bias_lead`` more of them in the ring, BIAS_LEAD, where those fit
+    too); the kernel reads the bias element by element otherwise.  ``fused``: the dk/dv
     kernel also computes dq (FUSED_DQ, see `fused_dq`); ``dlse``: the dq kernel reads an lse
     cotangent (DLSE); ``heads_x``: the grid's x walks the heads (HX, see `heads_first`).  WG = 1
     (wgmma B tiles) wherever `blocks.wgmma` allows it, when ``allow_wgmma`` (``$MFA_WGMMA`` is
@@ -245,14 +246,19 @@ def _template(target: str, name: str, tiles: Tiles, dtype: mx.Dtype, d: int, spe
     stage_dbias = stage_bias and dbias == DBIAS_ELEMENTS
     smem = shared_bytes(name, tiles, d, dtype.size, bias_dtype.size if stage_bias else 0,
                         dbias_dtype.size if stage_dbias else 0, fused, wg)
+    if stage_bias and smem > SHARED_LIMIT[arch] and tiles.bias_lead:  # first without the lead
+        tiles = dataclasses.replace(tiles, bias_lead=0)
+        smem = shared_bytes(name, tiles, d, dtype.size, bias_dtype.size, dbias_dtype.size if stage_dbias else 0,
+                            fused, wg)
     if stage_bias and smem > SHARED_LIMIT[arch]:
         stage_bias, smem = False, shared_bytes(name, tiles, d, dtype.size, fused_dq=fused, wg=wg)
+    bias_lead = tiles.bias_lead if stage_bias else 0  # BIAS_LEAD means nothing without staged tiles
     template = [("T", dtype), ("D", d), ("BQ", tiles.block_q), ("BK", tiles.block_k), ("NW", tiles.warps),
                 ("STAGES", tiles.stages), ("SMEM", smem), ("WG", int(wg)),
                 ("SOFTCAP", int(bool(spec.softcap))), ("ALIBI", int(spec.has_alibi)), ("BIAS", int(spec.has_bias)),
                 ("VARLEN", int(spec.varlen)), ("SPARSE", int(spec.block_mask is not None)),
                 ("DROPOUT", int(spec.has_dropout)), ("BIAS_TILE", int(stage_bias)), ("TB", bias_dtype),
-                ("HX", int(heads_x))]
+                ("BIAS_LEAD", bias_lead), ("HX", int(heads_x))]
     if arch == "cuda" and tiles.min_blocks:
         template += [("MIN_BLOCKS", tiles.min_blocks)]  # read by `_launch` for __launch_bounds__
     if name == "attention_fwd":

@@ -34,6 +34,11 @@ class Tiles:
         min_blocks: CUDA only: threadgroups per SM the compiler must fit registers for
             (``__launch_bounds__(threads, min_blocks)``, i.e. at most 64K / (threads · min_blocks)
             registers a thread); 0 leaves the register count to the compiler.
+        bias_lead: with a staged bias (BIAS_TILE), how many tiles (work items in dk/dv) further
+            ahead than the others its tiles are copied: the bias streams from DRAM once per
+            element while the other tiles mostly come from L2, so its copies may need more time
+            in flight.  The ring then holds ``stages + bias_lead`` bias tiles (the BIAS_LEAD
+            template value; 0 without a staged bias).
     """
 
     block_q: int
@@ -41,6 +46,7 @@ class Tiles:
     warps: int
     stages: int = 1
     min_blocks: int = 0
+    bias_lead: int = 0
 
     @property
     def threads(self) -> int:
@@ -51,7 +57,8 @@ def shared_bytes(kernel: str, t: Tiles, d: int, itemsize: int, bias_itemsize: in
                  dbias_itemsize: int = 0, fused_dq: bool = False, wg: bool = False) -> int:
     """Threadgroup memory of a kernel (the SMEM template value; the bodies static_assert it).
 
-    ``bias_itemsize``: the bias's element size when its tiles are staged (BIAS_TILE), else 0;
+    ``bias_itemsize``: the bias's element size when its tiles are staged (BIAS_TILE), else 0
+    (the ring of ``t.stages + t.bias_lead`` bias tiles);
     ``dbias_itemsize``: the kernel (dq, or dk/dv) also gathers dS tiles (in dbias's type) for
     contiguous dbias writes, else 0; ``fused_dq``: the dk/dv kernel also computes dq (through a
     dS tile); ``wg``: the kernel's B tiles are wgmma's (WG, see `wgmma`): dk/dv stages start
@@ -63,15 +70,16 @@ def shared_bytes(kernel: str, t: Tiles, d: int, itemsize: int, bias_itemsize: in
     bias_tile = t.block_q * (t.block_k * bias_itemsize + 16) if bias_itemsize else 0  # rows padded by 16 bytes
     dq_tile = t.block_q * (t.block_k + 8) * itemsize if fused_dq else 0
     dbias_tile = t.block_q * (t.block_k * dbias_itemsize + 16) if dbias_itemsize else 0
-    if kernel == "attention_bwd_dkdv":  # K, V + stages x (Q, dO, lse and delta rows, the bias tile)
-        stage = 2 * t.block_q * tile + 8 * t.block_q + bias_tile
+    bias_ring = (t.stages + t.bias_lead) * bias_tile
+    if kernel == "attention_bwd_dkdv":  # K, V + stages x (Q, dO, lse and delta rows) + the bias ring
+        stage = 2 * t.block_q * tile + 8 * t.block_q
         stage = -(-stage // 1024) * 1024 if wg else stage
-        return 2 * t.block_k * tile + t.stages * stage + dq_tile + dbias_tile
+        return 2 * t.block_k * tile + t.stages * stage + bias_ring + dq_tile + dbias_tile
     rows = {
         "attention_fwd": t.block_q + 2 * t.stages * t.block_k,  # Q + stages x (K, V)
         "attention_bwd_dq": 2 * t.block_q + 2 * t.stages * t.block_k,  # Q, dO + stages x (K, V)
     }[kernel]
-    return rows * tile + t.stages * bias_tile + dbias_tile + dq_tile
+    return rows * tile + bias_ring + dbias_tile + dq_tile
 
 
 @dataclasses.dataclass(frozen=True)

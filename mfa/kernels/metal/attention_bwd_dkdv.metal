@@ -15,10 +15,10 @@
 //             dq_accum (B, H, NQ, D) float32 with FUSED_DQ, zero-filled by the launcher: each work
 //             item adds its share scale · dS_raw·k, a bulk reduction per row (then no dq kernel runs)
 //   template: T, D, BQ, BK, NW, STAGES (work items in flight), SMEM, SOFTCAP, ALIBI, BIAS, VARLEN,
-//             SPARSE, DROPOUT, BIAS_TILE, TB (as in attention_fwd.metal; the bias tile of a work
-//             item is staged with its Q and dO), DBIAS (0: none or done by the dq kernel; 1; 3; 4;
-//             1 with BIAS_TILE gathers each work item's dS in shared memory and writes it to dbias
-//             row by row, as the dq kernel does),
+//             SPARSE, DROPOUT, BIAS_TILE, TB, BIAS_LEAD (as in attention_fwd.metal, in work
+//             items: the bias tile of item w is copied with the Q and dO of item w − BIAS_LEAD),
+//             DBIAS (0: none or done by the dq kernel; 1; 3; 4; 1 with BIAS_TILE gathers each work
+//             item's dS in shared memory and writes it to dbias row by row, as the dq kernel does),
 //             TDB (dbias type), FUSED_DQ (1: also dq, by bulk reductions; no ALIBI),
 //             WG (1: Q and dO are core-matrix B tiles for wgmma, frag_wgmma.h; needs BK/NW = 16),
 //             HX (as in attention_fwd.metal)
@@ -29,10 +29,11 @@ constexpr int NT = 32 * NW;
 constexpr int WM = BK / NW;  // key rows per warp
 constexpr int LD = D + 8;
 constexpr int LDB = BK + 16 / int(sizeof(TB));  // padded row stride of a staged bias tile (query rows x keys)
-// bytes of one stage: Q, dO, lse, delta (and the bias tile); WG: stages start 1024-byte aligned,
-// as the swizzled B tiles need
-constexpr int QSTAGE_USED = 2 * BQ * LD * int(sizeof(T)) + 2 * BQ * 4 + BIAS_TILE * BQ * LDB * int(sizeof(TB));
+// bytes of one stage: Q, dO, lse, delta; WG: stages start 1024-byte aligned, as the swizzled B
+// tiles need
+constexpr int QSTAGE_USED = 2 * BQ * LD * int(sizeof(T)) + 2 * BQ * 4;
 constexpr int QSTAGE = WG ? (QSTAGE_USED + 1023) / 1024 * 1024 : QSTAGE_USED;
+constexpr int NB = STAGES + BIAS_LEAD;  // BIAS_TILE: bias tiles in the ring, after the stages
 // FUSED_DQ: query rows per warp of the dq product (without it, one fragment's rows: the product
 // is compiled but never runs, and BQ/NW may be smaller)
 constexpr int QW = FUSED_DQ ? BQ / NW : kFragRows;
@@ -41,10 +42,11 @@ constexpr int LDQ = D + 8;     // FUSED_DQ: ... of the float dq rows, staged ove
 constexpr int LDG = BK + 16 / int(sizeof(TDB));  // STAGE_DBIAS: ... of the dS tile in TDB
 constexpr bool STAGE_DBIAS = BIAS_TILE && DBIAS == 1;
 static_assert(WM % kFragRows == 0, "BK/NW must be a multiple of the fragment height");
+static_assert(BIAS_TILE || BIAS_LEAD == 0, "BIAS_LEAD needs staged bias tiles");
 static_assert(QW % kFragRows == 0, "FUSED_DQ needs BQ/NW a multiple of the fragment height");
 static_assert(!FUSED_DQ || BQ * LDQ * 4 <= 2 * BQ * LD * int(sizeof(T)), "FUSED_DQ: dq rows exceed Q and dO");
-static_assert(SMEM >= 2 * BK * LD * int(sizeof(T)) + STAGES * QSTAGE + FUSED_DQ * BQ * LDS * int(sizeof(T)) +
-                          STAGE_DBIAS * BQ * LDG * int(sizeof(TDB)),
+static_assert(SMEM >= 2 * BK * LD * int(sizeof(T)) + STAGES * QSTAGE + BIAS_TILE * NB * BQ * LDB * int(sizeof(TB)) +
+                          FUSED_DQ * BQ * LDS * int(sizeof(T)) + STAGE_DBIAS * BQ * LDG * int(sizeof(TDB)),
               "SMEM too small");
 
 // this threadgroup's head and grid tile (HX: heads in x, tiles in y)
@@ -76,7 +78,8 @@ MFA_SHARED(smem, SMEM);
 MFA_TG T* sK = reinterpret_cast<MFA_TG T*>(smem);
 MFA_TG T* sV = sK + BK * LD;
 MFA_TG unsigned char* sStages = smem + 2 * BK * LD * int(sizeof(T));  // STAGES x (Q, dO, lse, delta)
-MFA_TG T* sdS = reinterpret_cast<MFA_TG T*>(sStages + STAGES * QSTAGE);  // FUSED_DQ: dS_raw tile
+MFA_TG TB* sB = reinterpret_cast<MFA_TG TB*>(sStages + STAGES * QSTAGE);  // BIAS_TILE: NB x (query, key) tile
+MFA_TG T* sdS = reinterpret_cast<MFA_TG T*>(sB + BIAS_TILE * NB * BQ * LDB);  // FUSED_DQ: dS_raw tile
 MFA_TG TDB* sG = reinterpret_cast<MFA_TG TDB*>(sdS + FUSED_DQ * BQ * LDS);  // STAGE_DBIAS: dS (query, key)
 
 const long kv_base = long(b * HKV + hk) * NK + sg.k_lo + k0;
@@ -106,10 +109,13 @@ MFA_TG const T* sKw = sK + warp * WM * LD;
 MFA_TG const T* sVw = sV + warp * WM * LD;
 const int key0 = k0 + warp * WM;
 
-// Iteration w computes work item w while items w+1 .. w+STAGES-1 are in flight.
-for (int w = 1 - STAGES; w < nwork; ++w) {
-  const int wn = w + STAGES - 1;
-  if (wn < nwork) {
+// Iteration w computes work item w while items w+1 .. w+STAGES-1 are in flight (their bias tiles
+// up to w+STAGES-1+BIAS_LEAD; the first BIAS_LEAD iterations copy bias tiles only), one
+// committed group an iteration, as in attention_fwd.metal.
+for (int w = 1 - STAGES - BIAS_LEAD; w < nwork; ++w) {
+  const int wn = w + STAGES - 1;  // the work item whose Q, dO, lse and delta are copied now
+  const int wb = wn + BIAS_LEAD;  // ... and whose bias tile
+  if (wn >= 0 && wn < nwork) {
     const int gn = SPARSE ? list.get(wn, 0) : wn / nq;
     const int q0 = (SPARSE ? list.get(wn, 1) : qt_begin + wn % nq) * BQ;
     const long rows = long(b * H + hk * group + gn) * NQ + sg.q_lo + q0;
@@ -118,12 +124,6 @@ for (int w = 1 - STAGES; w < nwork; ++w) {
     MFA_TG float* dL = reinterpret_cast<MFA_TG float*>(dQ + 2 * BQ * LD);
     copy_b_tile_async<WG, BQ, D, NT>(dQ, LD, q + rows * D, D, sg.nq - q0, tid);
     copy_b_tile_async<WG, BQ, D, NT>(dQ + BQ * LD, LD, dout + rows * D, D, sg.nq - q0, tid);
-    if (BIAS_TILE) {
-      const long bias_at = long(b) * params[kBiasStrideB] + long(hk * group + gn) * params[kBiasStrideH] +
-                           long(q0) * bias_sq + k0;
-      copy_tile_async<BQ, BK, NT>(reinterpret_cast<MFA_TG TB*>(dL + 2 * BQ), LDB, bias + bias_at, bias_sq,
-                                  sg.nq - q0, tid, sg.nk - k0);
-    }
     // lse and delta rows come asynchronously too (0 past the last row): a plain load here would
     // stall every warp at the next barrier for one memory latency per work item
     for (int i = tid; i < BQ; i += NT) {
@@ -131,6 +131,16 @@ for (int w = 1 - STAGES; w < nwork; ++w) {
       mfa_copy4(dL + i, lse + (valid ? rows + i : 0), valid);
       mfa_copy4(dL + BQ + i, delta + (valid ? rows + i : 0), valid);
     }
+  }
+  // its slot held item wb − NB = w − 1, whose last reads came before the previous iteration's
+  // closing barrier
+  if (BIAS_TILE && wb < nwork) {
+    const int gb = SPARSE ? list.get(wb, 0) : wb / nq;
+    const int qb = (SPARSE ? list.get(wb, 1) : qt_begin + wb % nq) * BQ;
+    const long bias_at = long(b) * params[kBiasStrideB] + long(hk * group + gb) * params[kBiasStrideH] +
+                         long(qb) * bias_sq + k0;
+    copy_tile_async<BQ, BK, NT>(sB + (wb % NB) * BQ * LDB, LDB, bias + bias_at, bias_sq, sg.nq - qb, tid,
+                                sg.nk - k0);
   }
   mfa_async_commit();
   if (w < 0) continue;
@@ -140,7 +150,7 @@ for (int w = 1 - STAGES; w < nwork; ++w) {
   MFA_TG const T* sdO = sQ + BQ * LD;
   MFA_TG float* sLse = reinterpret_cast<MFA_TG float*>(stage + 2 * BQ * LD * int(sizeof(T)));
   MFA_TG const float* sDelta = sLse + BQ;
-  MFA_TG const TB* sBt = reinterpret_cast<MFA_TG const TB*>(sDelta + BQ);  // BIAS_TILE: (query, key)
+  MFA_TG const TB* sBt = sB + (w % NB) * BQ * LDB;  // BIAS_TILE: (query, key)
   // lse to log2 units, in place: each thread converts the rows it copied, whose copies have
   // landed; rows with nothing to attend (lse = -inf) get +inf, so P = 0 there
   for (int i = tid; i < BQ; i += NT) sLse[i] = sLse[i] == -MFA_INF ? MFA_INF : sLse[i] * 1.4426950408889634f;

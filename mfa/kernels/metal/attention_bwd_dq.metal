@@ -17,9 +17,10 @@
 //             tile's keys); dbias_total (the bias's shape, its dtype): a batch loop's sums, written
 //             by its last row (params[kBatchTotal]; dbias then holds the other rows' float32 sums)
 //   template: T, D, BQ, BK, NW, STAGES, SMEM, SOFTCAP, ALIBI, BIAS, VARLEN, SPARSE, DROPOUT,
-//             BIAS_TILE, TB as in attention_fwd.metal, DBIAS (0: none or done by the dk/dv kernel;
-//             1; 2), TDB (dbias type), DLSE (1: dlse is given).  DBIAS 1 with BIAS_TILE gathers
-//             each tile's dS in shared memory and adds it to dbias row by row (contiguous stores).
+//             BIAS_TILE, TB, BIAS_LEAD as in attention_fwd.metal, DBIAS (0: none or done by the
+//             dk/dv kernel; 1; 2), TDB (dbias type), DLSE (1: dlse is given).  DBIAS 1 with
+//             BIAS_TILE gathers each tile's dS in shared memory and adds it to dbias row by row
+//             (contiguous stores).
 //             WG (1: K and V are core-matrix B tiles for wgmma, frag_wgmma.h; needs BQ/NW = 16).
 //             HX as in attention_fwd.metal.
 //   grid (tiles·32·NW, H, B), with HX (H·32·NW, tiles, B), as in attention_fwd.metal (the last
@@ -31,8 +32,10 @@ constexpr int LD = D + 8;
 constexpr int LDB = BK + 16 / int(sizeof(TB));  // padded row stride of a staged bias tile
 constexpr int LDG = BK + 16 / int(sizeof(TDB));  // ... and of the staged dS tile (in TDB)
 constexpr bool STAGE_DBIAS = BIAS_TILE && DBIAS == 1;
+constexpr int NB = STAGES + BIAS_LEAD;  // BIAS_TILE: bias tiles in the ring
 static_assert(WM % kFragRows == 0, "BQ/NW must be a multiple of the fragment height");
-static_assert(SMEM >= (2 * BQ + 2 * STAGES * BK) * LD * int(sizeof(T)) + BIAS_TILE * STAGES * BQ * LDB * int(sizeof(TB)) +
+static_assert(BIAS_TILE || BIAS_LEAD == 0, "BIAS_LEAD needs staged bias tiles");
+static_assert(SMEM >= (2 * BQ + 2 * STAGES * BK) * LD * int(sizeof(T)) + BIAS_TILE * NB * BQ * LDB * int(sizeof(TB)) +
                           STAGE_DBIAS * BQ * LDG * int(sizeof(TDB)),
               "SMEM too small");
 
@@ -51,8 +54,8 @@ MFA_SHARED(smem, SMEM);
 MFA_TG T* sQ = reinterpret_cast<MFA_TG T*>(smem);
 MFA_TG T* sdO = sQ + BQ * LD;
 MFA_TG T* sKV = sdO + BQ * LD;  // STAGES x (K tile, V tile)
-MFA_TG TB* sB = reinterpret_cast<MFA_TG TB*>(sKV + STAGES * 2 * BK * LD);  // BIAS_TILE: STAGES x bias tile
-MFA_TG TDB* sG = reinterpret_cast<MFA_TG TDB*>(sB + BIAS_TILE * STAGES * BQ * LDB);  // STAGE_DBIAS: dS
+MFA_TG TB* sB = reinterpret_cast<MFA_TG TB*>(sKV + STAGES * 2 * BK * LD);  // BIAS_TILE: NB x bias tile
+MFA_TG TDB* sG = reinterpret_cast<MFA_TG TDB*>(sB + BIAS_TILE * NB * BQ * LDB);  // STAGE_DBIAS: dS
 
 // A bias shared by the batch whose dbias has every entry (DBIAS 1) runs the whole batch in each
 // threadgroup, one row after the other (params[kBatchLoop] = B, a grid of one batch row), so that
@@ -137,16 +140,20 @@ for (int b = b_first; b < b_end; ++b) {
   MFA_TG const T* sQw = sQ + warp * WM * LD;
   MFA_TG const T* sdOw = sdO + warp * WM * LD;
 
-  for (int t = 1 - STAGES; t < ntiles; ++t) {
-    const int tn = t + STAGES - 1;
-    if (tn < ntiles) {
+  // the tiles in flight and the bias ring as in attention_fwd.metal
+  for (int t = 1 - STAGES - BIAS_LEAD; t < ntiles; ++t) {
+    const int tn = t + STAGES - 1;  // the key/value tile copied now
+    const int tb = tn + BIAS_LEAD;  // the bias tile copied now
+    if (tn >= 0 && tn < ntiles) {
       const int kn = (SPARSE ? list.get(tn, 0) : t_first + tn) * BK;
       MFA_TG T* dst = sKV + (tn % STAGES) * 2 * BK * LD;
       copy_b_tile_async<WG, BK, D, NT>(dst, LD, Kg + long(kn) * D, D, sg.nk - kn, tid);
       copy_b_tile_async<WG, BK, D, NT>(dst + BK * LD, LD, Vg + long(kn) * D, D, sg.nk - kn, tid);
-      if (BIAS_TILE)
-        copy_tile_async<BQ, BK, NT>(sB + (tn % STAGES) * BQ * LDB, LDB, bias + bias_head + long(q0) * bias_sq + kn,
-                                    bias_sq, sg.nq - q0, tid, sg.nk - kn);
+    }
+    if (BIAS_TILE && tb < ntiles) {
+      const int kb = (SPARSE ? list.get(tb, 0) : t_first + tb) * BK;
+      copy_tile_async<BQ, BK, NT>(sB + (tb % NB) * BQ * LDB, LDB, bias + bias_head + long(q0) * bias_sq + kb,
+                                  bias_sq, sg.nq - q0, tid, sg.nk - kb);
     }
     mfa_async_commit();
     if (t < 0) continue;
@@ -155,7 +162,7 @@ for (int b = b_first; b < b_end; ++b) {
     mfa_barrier();
     MFA_TG const T* sK = sKV + (t % STAGES) * 2 * BK * LD;
     MFA_TG const T* sV = sK + BK * LD;
-    MFA_TG const TB* sBt = sB + (t % STAGES) * BQ * LDB;
+    MFA_TG const TB* sBt = sB + (t % NB) * BQ * LDB;
     const int k0 = (SPARSE ? list.get(t, 0) : t_first + t) * BK;
     const int partial = SPARSE ? list.get(t, 1) : -1;
 

@@ -15,7 +15,9 @@
 //             variant switches SOFTCAP, ALIBI, BIAS, VARLEN, SPARSE, DROPOUT (0/1), BIAS_TILE (1:
 //             the bias has every query row and key, and its tiles come through shared memory
 //             with the key/value tiles), TB (the bias's type) and EXACT (1: out written in
-//             float32 from an unrounded P, see mfa/kernels/attention.py), WG (1: K and V are
+//             float32 from an unrounded P, see mfa/kernels/attention.py), BIAS_LEAD (with
+//             BIAS_TILE: the bias tiles are copied that many key tiles further ahead than K and
+//             V, through a ring of STAGES + BIAS_LEAD of them), WG (1: K and V are
 //             core-matrix B tiles for wgmma, frag_wgmma.h; needs BQ/NW = 16 or 32), HX (1: the
 //             grid's x walks the heads and y the tiles, so that the GPU dispatches the same,
 //             longest first, tile rank of every head together: see heads_first in
@@ -30,8 +32,10 @@ constexpr int NT = 32 * NW;
 constexpr int WM = BQ / NW;  // query rows per warp
 constexpr int LD = D + 8;    // padded row stride of the shared tiles, in elements
 constexpr int LDB = BK + 16 / int(sizeof(TB));  // padded row stride of a staged bias tile
+constexpr int NB = STAGES + BIAS_LEAD;          // BIAS_TILE: bias tiles in the ring
 static_assert(WM % kFragRows == 0, "BQ/NW must be a multiple of the fragment height");
-static_assert(SMEM >= (BQ + 2 * STAGES * BK) * LD * int(sizeof(T)) + BIAS_TILE * STAGES * BQ * LDB * int(sizeof(TB)),
+static_assert(BIAS_TILE || BIAS_LEAD == 0, "BIAS_LEAD needs staged bias tiles");
+static_assert(SMEM >= (BQ + 2 * STAGES * BK) * LD * int(sizeof(T)) + BIAS_TILE * NB * BQ * LDB * int(sizeof(TB)),
               "SMEM too small");
 
 // this threadgroup's head and grid tile (HX: heads in x, tiles in y)
@@ -63,7 +67,7 @@ const int hk = h / (H / HKV);  // GQA: the key/value head shared by this query h
 MFA_SHARED(smem, SMEM);
 MFA_TG T* sQ = reinterpret_cast<MFA_TG T*>(smem);
 MFA_TG T* sKV = sQ + BQ * LD;  // STAGES x (K tile, V tile)
-MFA_TG TB* sB = reinterpret_cast<MFA_TG TB*>(sKV + STAGES * 2 * BK * LD);  // BIAS_TILE: STAGES x bias tile
+MFA_TG TB* sB = reinterpret_cast<MFA_TG TB*>(sKV + STAGES * 2 * BK * LD);  // BIAS_TILE: NB x bias tile
 const long q_rows = long(b * H + h) * NQ + sg.q_lo;  // row 0 of this head's sequence
 MFA_DEV const T* Kg = k + (long(b * HKV + hk) * NK + sg.k_lo) * D;
 MFA_DEV const T* Vg = v + (long(b * HKV + hk) * NK + sg.k_lo) * D;
@@ -94,17 +98,24 @@ for (int r = 0; r < RowVec<WM>::SIZE; ++r) {
 MFA_TG const T* sQw = sQ + warp * WM * LD;
 const int row0 = q0 + warp * WM;
 
-// Iteration t computes tile t while tiles t+1 .. t+STAGES-1 are in flight.
-for (int t = 1 - STAGES; t < ntiles; ++t) {
-  const int tn = t + STAGES - 1;
-  if (tn < ntiles) {
+// Iteration t computes tile t while tiles t+1 .. t+STAGES-1 are in flight (their bias tiles up
+// to t+STAGES-1+BIAS_LEAD; the first BIAS_LEAD iterations copy bias tiles only).  Each iteration
+// commits one group, so the wait for tile t's copies is the same with or without the lead.
+for (int t = 1 - STAGES - BIAS_LEAD; t < ntiles; ++t) {
+  const int tn = t + STAGES - 1;  // the key/value tile copied now
+  const int tb = tn + BIAS_LEAD;  // the bias tile copied now
+  if (tn >= 0 && tn < ntiles) {
     const int kn = (SPARSE ? list.get(tn, 0) : t_first + tn) * BK;
     MFA_TG T* dst = sKV + (tn % STAGES) * 2 * BK * LD;
     copy_b_tile_async<WG, BK, D, NT>(dst, LD, Kg + long(kn) * D, D, sg.nk - kn, tid);
     copy_b_tile_async<WG, BK, D, NT>(dst + BK * LD, LD, Vg + long(kn) * D, D, sg.nk - kn, tid);
-    if (BIAS_TILE)
-      copy_tile_async<BQ, BK, NT>(sB + (tn % STAGES) * BQ * LDB, LDB, bias + bias_head + long(q0) * bias_sq + kn,
-                                  bias_sq, sg.nq - q0, tid, sg.nk - kn);
+  }
+  // its slot held tile tb − NB = t − 1, whose last reads came before the previous iteration's
+  // closing barrier
+  if (BIAS_TILE && tb < ntiles) {
+    const int kb = (SPARSE ? list.get(tb, 0) : t_first + tb) * BK;
+    copy_tile_async<BQ, BK, NT>(sB + (tb % NB) * BQ * LDB, LDB, bias + bias_head + long(q0) * bias_sq + kb, bias_sq,
+                                sg.nq - q0, tid, sg.nk - kb);
   }
   mfa_async_commit();
   if (t < 0) continue;
@@ -113,7 +124,7 @@ for (int t = 1 - STAGES; t < ntiles; ++t) {
   mfa_barrier();
   MFA_TG const T* sK = sKV + (t % STAGES) * 2 * BK * LD;
   MFA_TG const T* sV = sK + BK * LD;
-  MFA_TG const TB* sBt = sB + (t % STAGES) * BQ * LDB;
+  MFA_TG const TB* sBt = sB + (t % NB) * BQ * LDB;
   const int k0 = (SPARSE ? list.get(t, 0) : t_first + t) * BK;
   const int partial = SPARSE ? list.get(t, 1) : -1;
 
